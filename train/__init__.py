@@ -1,0 +1,1 @@
+"""Memory-lean fine-tuning of HuggingFace causal LMs: data, loss, training loop, memory reports."""
