@@ -1,6 +1,12 @@
 # T time, B batch, I input, H hidden
 """LSTM timings: `lstm_core` (reference) against `nn.LSTM` (torch), forward and forward+backward.
 
+On CUDA, `test_bench_lstm_gpu` times `reference`, `triton` (`LSTM(backend="triton")`,
+i.e. `kernels.fused_lstm`) and `cudnn` (`nn.LSTM`) at the issue's shapes in fp32, bf16 and
+fp16; peak memory per call goes in `extra_info` too, and `bench/lstm_gpu_table.py` turns
+the JSON into Triton/cuDNN ratios. Those cases are skipped without CUDA: interpreter
+timings mean nothing.
+
 Every provider includes the input projection (x W_ih^T) in its time. Tokens per second
 (T*B per call) goes in `extra_info`. `scripts/bench.sh` runs this for real; the test
 suite runs it once with `--benchmark-disable` as a smoke check.
@@ -45,5 +51,69 @@ def test_bench_lstm_cpu(benchmark, shape, provider, mode):
     benchmark.extra_info.update(s, provider=provider, mode=mode, device="cpu", input_projection="included",
                                 threads=torch.get_num_threads())
     benchmark.pedantic(_step, args=(model, x, mode), rounds=3, warmup_rounds=1)
+    if benchmark.stats:
+        benchmark.extra_info["tokens_per_s"] = s["T"] * s["B"] / benchmark.stats.stats.mean
+
+
+GPU_SHAPES = {
+    "fastrnns-T100-B64-H512": dict(T=100, B=64, I=512, H=512),
+    "flashrnn-T1024-B16-H768": dict(T=1024, B=16, I=768, H=768),
+    "smallbatch-T512-B8-H256": dict(T=512, B=8, I=256, H=256),
+    "offgrid-T100-B12-H500": dict(T=100, B=12, I=500, H=500),
+}
+GPU_PROVIDERS = {
+    "reference": lambda I, H: LSTM(I, H, backend="reference"),
+    "triton": lambda I, H: LSTM(I, H, backend="triton"),
+    "cudnn": lambda I, H: torch.nn.LSTM(I, H),
+}
+GPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GPU_CHECK_TOL = {"fp32": 2e-2, "bf16": 1e-1, "fp16": 5e-2}
+GPU_ROUNDS = {"reference": 2, "triton": 5, "cudnn": 5}
+
+
+def _gpu_step(model, x, grad, mode):
+    model.zero_grad(set_to_none=True)
+    if mode == "fwd":
+        with torch.no_grad():
+            out = model(x)[0]
+    else:
+        out = model(x)[0]
+        out.backward(grad)
+    torch.cuda.synchronize()
+    return out
+
+
+NO_CUDA = "Triton and cuDNN timings need CUDA; interpreter timings mean nothing"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", list(GPU_PROVIDERS))
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES))
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_bench_lstm_gpu(benchmark, shape, dtype, provider, mode):
+    s, dt = GPU_SHAPES[shape], GPU_DTYPES[dtype]
+    torch.manual_seed(0)
+    cudnn = torch.nn.LSTM(s["I"], s["H"]).cuda().to(dt)
+    model = GPU_PROVIDERS[provider](s["I"], s["H"]).cuda().to(dt)
+    model.load_state_dict(cudnn.state_dict())
+    x = torch.randn(s["T"], s["B"], s["I"], device="cuda", dtype=dt, requires_grad=mode != "fwd")
+    grad = torch.randn(s["T"], s["B"], s["H"], device="cuda", dtype=dt)
+    with torch.no_grad():
+        expected = cudnn(x)[0].float()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = _gpu_step(model, x, grad, mode).float()
+    peak = torch.cuda.max_memory_allocated() - base
+    tol = GPU_CHECK_TOL[dtype]
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    benchmark.group = f"lstm-gpu-{shape}-{dtype}-{mode}"
+    benchmark.extra_info.update(
+        s, shape=shape, dtype=dtype, provider=provider, mode=mode, device=torch.cuda.get_device_name(),
+        input_projection="included", peak_mem_mb=peak / 2**20,
+        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, triton_fp32_dot="ieee",
+    )
+    benchmark.pedantic(_gpu_step, args=(model, x, grad, mode), rounds=GPU_ROUNDS[provider], warmup_rounds=1)
     if benchmark.stats:
         benchmark.extra_info["tokens_per_s"] = s["T"] * s["B"] / benchmark.stats.stats.mean

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one prepared GPU check: CUDA tests of the kernels, LSTM benchmarks against cuDNN, loss benchmarks
+# against naive / torch native / Liger / CCE, and capped fine-tuning runs against their estimates.
+# Runs from source with what the GPU machine has (torch 2.11, triton 3.6, transformers 5.17,
+# pytest-benchmark). Liger-Kernel and cut-cross-entropy travel as wheels in .whl/ (see bench/RESULTS.md).
+# Writes one log, machine.txt and the pytest-benchmark JSON under $OUT (the device tool returns 8 files at most) and prints the ratio tables last.
+# Usage (device tool): bash bench/gpu_check.sh     budget: < 8 minutes on an H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu_check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+status=0
+step() {  # step NAME TIMEOUT_S COMMAND...: runs one part, logs it, keeps going on failure
+  local name=$1 limit=$2; shift 2
+  echo "== $name" | tee -a "$OUT/gpu_check.log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/gpu_check.log" | tail -n 25
+  local rc=${PIPESTATUS[0]}
+  echo "== $name rc=$rc" | tee -a "$OUT/gpu_check.log"
+  [ "$rc" = 0 ] || status=1
+}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
+  'triton', triton.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+  git rev-parse HEAD 2>/dev/null; date -u; } > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+step tests 150 python3 -m pytest -q -x tests/test_fused_lstm.py tests/test_linear_cross_entropy.py tests/test_lm_loss.py
+step bench_lstm 170 python3 -m pytest -q bench/test_bench_lstm.py -k "not cpu" --benchmark-json="$OUT/bench_lstm.json"
+step bench_loss 120 python3 -m pytest -q bench/test_bench_loss.py -k "not cpu" --benchmark-json="$OUT/bench_loss.json"
+step capped_runs 90 python3 bench/gpu_capped_runs.py --out "$OUT/capped_runs.json"
+
+echo "== tables"
+[ -f "$OUT/bench_lstm.json" ] && python3 bench/lstm_gpu_table.py "$OUT/bench_lstm.json" | tee -a "$OUT/gpu_check.log"
+[ -f "$OUT/bench_loss.json" ] && python3 bench/loss_gpu_table.py "$OUT/bench_loss.json" | tee -a "$OUT/gpu_check.log"
+exit $status

@@ -1,0 +1,249 @@
+# B batch, T time, I input, H hidden, G = 4H gates (i, f, g, o)
+"""`fused_lstm`: one LSTM layer and direction with its recurrence in Triton, forward and backward.
+
+A drop-in for `lstm_core.functional.lstm_layer` (same arguments, same `(out, (h_n, c_n))`).
+The input projection `x W_ih^T + b_ih + b_hh` for all steps is one torch matrix product;
+one Triton launch then runs the recurrence over time (`kernels/lstm_fwd.py`). The
+backward runs one reverse-time launch that yields only the gate gradients and the
+carried `dh`, `dc` (`kernels/lstm_bwd.py`); `dW_hh`, `dW_ih`, the bias gradient and
+`dx` are matrix products over all steps afterwards. States and accumulation are fp32;
+fp32 inputs use `input_precision="ieee"` (no TF32). Derivations: `kernels/README.md`.
+"""
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+from .lstm_bwd import _lstm_bwd_onchip_kernel, _lstm_bwd_tiled_kernel
+from .lstm_compat import patch_interpreter_index
+from .lstm_fwd import _lstm_fwd_onchip_kernel, _lstm_fwd_tiled_kernel
+
+__all__ = ["fused_lstm"]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+VARIANTS = ("auto", "onchip", "tiled")
+ONCHIP_MAX_H = 64
+INTERPRETED = isinstance(_lstm_fwd_tiled_kernel, InterpretedFunction)
+if INTERPRETED:
+    patch_interpreter_index()
+
+
+def _config(H, dtype, variant, block_b, block_n, block_k):
+    if variant == "auto":
+        variant = "onchip" if triton.next_power_of_2(H) <= ONCHIP_MAX_H else "tiled"
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    cfg = {"BLOCK_B": block_b, "PRECISION": precision, "DOT_F32": INTERPRETED and dtype == torch.bfloat16}
+    if variant == "onchip":
+        cfg["BLOCK_H"] = max(16, triton.next_power_of_2(H))
+        cfg["num_warps"] = 8 if cfg["BLOCK_H"] >= 64 else 4
+    else:
+        cfg["BLOCK_N"] = block_n or 64
+        cfg["BLOCK_K"] = block_k or 64
+        cfg["num_warps"] = 4
+    return variant, cfg
+
+
+def _lengths_arg(lengths, fallback):
+    return (lengths, True) if lengths is not None else (fallback, False)
+
+
+def lstm_fwd(
+    xw: torch.Tensor,  # (T, B, 4H)
+    w_hh: torch.Tensor,  # (4H, H)
+    h0: torch.Tensor,  # (B, H)
+    c0: torch.Tensor,  # (B, H)
+    lengths: torch.Tensor | None,  # (B,) int32
+    variant: str,
+    cfg: dict,
+    store_gates: bool,
+):
+    """Runs the forward recurrence. Returns `h` (T+1, B, H), `c` (T+1, B, H) fp32,
+    `gates` (T, B, 4H) fp32 activated or None, and `h_n` (B, H)."""
+    T, B, G = xw.shape
+    H = G // 4
+    h = torch.full((T + 1, B, H), float("nan"), dtype=xw.dtype, device=xw.device)
+    c = torch.full((T + 1, B, H), float("nan"), dtype=torch.float32, device=xw.device)
+    h[0] = h0
+    c[0] = c0
+    gates = torch.full((T, B, G), float("nan"), dtype=torch.float32, device=xw.device) if store_gates else c
+    h_n = torch.full((B, H), float("nan"), dtype=xw.dtype, device=xw.device)
+    len_arg, has_len = _lengths_arg(lengths, h_n)
+    kernel = _lstm_fwd_onchip_kernel if variant == "onchip" else _lstm_fwd_tiled_kernel
+    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
+    flags = {"HAS_LENGTHS": has_len, "STORE_GATES": store_gates}
+    kernel[grid](xw, w_hh, h, c, gates, h_n, len_arg, T, B, H, **flags, **cfg)
+    return h, c, (gates if store_gates else None), h_n
+
+
+def lstm_bwd(
+    xw: torch.Tensor | None,  # (T, B, 4H), needed when gates is None
+    w_hh: torch.Tensor,  # (4H, H)
+    h: torch.Tensor,  # (T+1, B, H)
+    c: torch.Tensor,  # (T+1, B, H) fp32
+    gates: torch.Tensor | None,  # (T, B, 4H) fp32
+    dout: torch.Tensor,  # (T, B, H)
+    dh_n: torch.Tensor,  # (B, H)
+    dc_n: torch.Tensor,  # (B, H)
+    lengths: torch.Tensor | None,  # (B,) int32
+    variant: str,
+    cfg: dict,
+):
+    """Runs the backward recurrence. Returns `dgates` (T, B, 4H) in `h`'s dtype, `dh0`, `dc0` (B, H) fp32."""
+    T, B, H = dout.shape
+    recompute = gates is None
+    xw, gates = (xw, c) if recompute else (c, gates)
+    dg = torch.full((T, B, 4 * H), float("nan"), dtype=h.dtype, device=h.device)
+    dh = dh_n.float().contiguous()
+    dc = dc_n.float().contiguous()
+    len_arg, has_len = _lengths_arg(lengths, dh)
+    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
+    common = {"HAS_LENGTHS": has_len, "RECOMPUTE": recompute, **cfg}
+    if variant == "onchip":
+        dh0 = torch.full_like(dh, float("nan"))
+        dc0 = torch.full_like(dc, float("nan"))
+        args = (xw, w_hh, h, c, gates, dout, dh, dc, dg, dh0, dc0, len_arg, T, B, H)
+        _lstm_bwd_onchip_kernel[grid](*args, **common)
+        return dg, dh0, dc0
+    dh, dc = dh.clone(), dc.clone()
+    _lstm_bwd_tiled_kernel[grid](xw, w_hh, h, c, gates, dout, dh, dc, dg, len_arg, T, B, H, **common)
+    return dg, dh, dc
+
+
+def _input_projection(x, w_ih, b_ih, b_hh):
+    T, B, I = x.shape
+    x2 = x.reshape(T * B, I)
+    bias = None
+    for b in (b_ih, b_hh):
+        if b is not None:
+            bias = b.float() if bias is None else bias + b.float()
+    if bias is None:
+        return (x2 @ w_ih.T).view(T, B, -1)
+    return torch.addmm(bias.to(x.dtype), x2, w_ih.T).view(T, B, -1)
+
+
+class FusedLSTMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, variant, cfg, store_gates):
+        xw = _input_projection(x, w_ih, b_ih, b_hh)
+        h, c, gates, h_n = lstm_fwd(xw, w_hh, h0, c0, lengths, variant, cfg, store_gates)
+        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, h, c, gates, lengths)
+        ctx.variant, ctx.cfg = variant, cfg
+        return h[1:], h_n, c[-1].to(x.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n):
+        x, w_ih, w_hh, b_ih, b_hh, h, c, gates, lengths = ctx.saved_tensors
+        T, B, I = x.shape
+        H = w_hh.shape[1]
+        xw = _input_projection(x, w_ih, b_ih, b_hh) if gates is None else None
+        dout = dout.contiguous()
+        dg, dh0, dc0 = lstm_bwd(xw, w_hh, h, c, gates, dout, dh_n, dc_n, lengths, ctx.variant, ctx.cfg)
+        dg2 = dg.view(T * B, 4 * H)
+        need = ctx.needs_input_grad
+        dx = (dg2 @ w_ih).view(T, B, I) if need[0] else None
+        dw_ih = dg2.T @ x.reshape(T * B, I) if need[3] else None
+        dw_hh = dg2.T @ h[:-1].reshape(T * B, H) if need[4] else None
+        db = dg2.sum(0, dtype=torch.float32).to(x.dtype) if need[5] or need[6] else None
+        return (
+            dx, dh0.to(x.dtype), dc0.to(x.dtype), dw_ih, dw_hh,
+            db if need[5] else None, db if need[6] else None, None, None, None, None,
+        )
+
+
+def _check_args(x, w_hh, w_hr, variant):
+    if w_hr is not None:
+        raise ValueError(
+            "fused_lstm does not support a projection (proj_size > 0): expected w_hr=None, got a tensor"
+        )
+    if variant not in VARIANTS:
+        raise ValueError(f"fused_lstm: variant must be one of {VARIANTS}, got {variant!r}")
+    if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"fused_lstm: expected x of shape (T, B, I) with T, B >= 1, got {tuple(x.shape)}")
+    if w_hh.dim() != 2 or w_hh.shape[0] != 4 * w_hh.shape[1]:
+        raise ValueError(f"fused_lstm: expected w_hh of shape (4H, H), got {tuple(w_hh.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"fused_lstm: expected x dtype in {DTYPES}, got {x.dtype}")
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            "fused_lstm needs a CUDA device or the Triton interpreter (TRITON_INTERPRET=1, set before triton "
+            f"is imported); got a tensor on {x.device.type} without the interpreter"
+        )
+
+
+def _check_tensors(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths):
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    expected = {"h0": (B, H), "c0": (B, H), "w_ih": (4 * H, I), "b_ih": (4 * H,), "b_hh": (4 * H,)}
+    given = {"h0": h0, "c0": c0, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh}
+    for name, t in given.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != expected.get(name, tuple(t.shape)):
+            raise ValueError(f"fused_lstm: expected {name} of shape {expected[name]}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(
+                f"fused_lstm: expected {name} as {x.dtype} on {x.device}, got {t.dtype} on {t.device}"
+            )
+    if lengths is None:
+        return
+    if tuple(lengths.shape) != (B,) or lengths.dtype.is_floating_point:
+        raise ValueError(f"fused_lstm: expected integer lengths of shape ({B},), got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if not 1 <= lo <= hi <= T:
+        raise ValueError(f"fused_lstm: expected lengths in [1, {T}], got min {lo} max {hi}")
+
+
+def fused_lstm(
+    x: torch.Tensor,  # (T, B, I)
+    h0: torch.Tensor,  # (B, H)
+    c0: torch.Tensor,  # (B, H)
+    w_ih: torch.Tensor,  # (4H, I)
+    w_hh: torch.Tensor,  # (4H, H)
+    b_ih: torch.Tensor | None = None,  # (4H,)
+    b_hh: torch.Tensor | None = None,  # (4H,)
+    w_hr: torch.Tensor | None = None,  # must be None
+    lengths: torch.Tensor | None = None,  # (B,) integer, each in [1, T]
+    *,
+    recompute: bool = False,
+    variant: str = "auto",
+    block_b: int = 16,
+    block_n: int | None = None,
+    block_k: int | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One direction of one LSTM layer, forward in time, with a Triton recurrence.
+
+    Args:
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths: as in `lstm_core.functional.lstm_layer`;
+            all tensors share `x`'s dtype (fp32, bf16 or fp16) and device (CUDA, or any
+            device under `TRITON_INTERPRET=1`). Rows with `t >= lengths[b]` keep their
+            state and output zeros.
+        w_hr: projection weights; only None is supported (raises ValueError otherwise).
+        recompute: store only `h` and `c` for the backward and recompute the gates
+            there (saves the `(T, B, 4H)` fp32 gate buffer, costs one more matmul and
+            the recurrent product again).
+        variant: "onchip" keeps `W_hh` in registers (small H), "tiled" streams it in
+            `(block_k, block_n)` tiles every step; "auto" picks onchip for H <= 64.
+        block_b, block_n, block_k: batch rows per program and the tiled variant's tiles
+            (powers of two, at least 16).
+
+    Returns:
+        `(out, (h_n, c_n))`: `out` (T, B, H), `h_n` and `c_n` (B, H), in `x`'s dtype.
+
+    Example:
+        >>> T, B, I, H = 5, 3, 8, 16
+        >>> w_ih, w_hh = torch.randn(4 * H, I), torch.randn(4 * H, H)
+        >>> x, h0, c0 = torch.randn(T, B, I), torch.zeros(B, H), torch.zeros(B, H)
+        >>> out, (h_n, c_n) = fused_lstm(x, h0, c0, w_ih, w_hh)
+        >>> out.shape
+        torch.Size([5, 3, 16])
+    """
+    _check_args(x, w_hh, w_hr, variant)
+    _check_tensors(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+    H = w_hh.shape[1]
+    variant, cfg = _config(H, x.dtype, variant, block_b, block_n, block_k)
+    lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32).contiguous()
+    args = [t if t is None else t.contiguous() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    out, h_n, c_n = FusedLSTMFunction.apply(*args, lengths, variant, cfg, needs_grad and not recompute)
+    return out, (h_n, c_n)
