@@ -1,0 +1,188 @@
+# N tokens, H hidden, V vocab
+"""Linear cross-entropy, forward+backward: time (pytest-benchmark) and peak memory (extra_info).
+
+Providers: `naive` F.cross_entropy(F.linear(h, W), y); `manual`, the users' log_softmax + gather recipe;
+`native`, torch's chunked F.linear_cross_entropy(..., options=LinearCrossEntropyOptions()) (torch >= 2.13,
+skipped where missing); `chunked` and `triton` (GPU), ours; `liger` (Liger-Kernel) and `cce` (Apple's
+cut_cross_entropy) on GPU when importable.
+
+Memory is measured once per case, outside the timed rounds, and reported as `peak_mib` and
+`above_floor_mib` = peak minus the inputs and their gradients (h, W, dh, dW). On the CPU it is the tracked
+tensor peak of torch.distributed._tools.mem_tracker.MemTracker, with the inputs created inside the
+tracker so that every provider is charged for them alike; on GPU, torch.cuda.max_memory_allocated.
+
+The big CPU shapes (N=8,192) take minutes per provider on 2 cores, so they run only with
+LEANFIT_BENCH_FULL=1 (set by scripts/bench.sh); the smoke run (`--benchmark-disable`) uses a small shape.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import linear_cross_entropy
+
+FULL = os.environ.get("LEANFIT_BENCH_FULL") == "1"
+HAS_NATIVE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+CUDA = torch.cuda.is_available()
+
+CPU_SHAPES = {
+    "smollm2-N8192-H576-V49152": (8192, 576, 49152),
+    "gpt2-N8192-H768-V50257": (8192, 768, 50257),
+} if FULL else {"small-N2048-H256-V4096": (2048, 256, 4096)}
+GPU_SHAPES = {
+    "smollm2-N24576-H576-V49152": (24576, 576, 49152),
+    "gpt2-N24576-H768-V50257": (24576, 768, 50257),
+    "llama3-N24576-H4096-V128256": (24576, 4096, 128256),
+}
+
+
+def _naive(h, w, y):
+    return F.cross_entropy(F.linear(h, w), y)
+
+
+def _manual(h, w, y):
+    logp = torch.log_softmax(F.linear(h, w).float(), dim=-1)
+    return -logp.gather(-1, y[:, None]).mean()
+
+
+def _native(h, w, y):
+    return F.linear_cross_entropy(h, w, y, options=torch.nn.LinearCrossEntropyOptions())
+
+
+def _liger(h, w, y):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss()(w, h, y)
+
+
+def _cce(h, w, y):
+    from cut_cross_entropy import linear_cross_entropy as cce
+
+    return cce(h, w, y)
+
+
+PROVIDERS = {
+    "naive": _naive,
+    "manual": _manual,
+    "native": _native,
+    "chunked": lambda h, w, y: linear_cross_entropy(h, w, y, impl="chunked"),
+    "triton": lambda h, w, y: linear_cross_entropy(h, w, y, impl="triton"),
+    "liger": _liger,
+    "cce": _cce,
+}
+CPU_PROVIDERS = ["naive", "manual", "native", "chunked"]
+GPU_PROVIDERS = ["naive", "manual", "native", "chunked", "triton", "liger", "cce"]
+_REFERENCE = {}
+
+
+def _skip_missing(provider):
+    if provider == "native" and not HAS_NATIVE:
+        pytest.skip(f"torch {torch.__version__} has no F.linear_cross_entropy / LinearCrossEntropyOptions")
+    module = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}.get(provider)
+    if module and importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not importable")
+
+
+def _inputs(n, hdim, v, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(n, hdim, generator=g).to(device, dtype)
+    w = (torch.randn(v, hdim, generator=g) / hdim**0.5).to(device, dtype)
+    y = torch.randint(0, v, (n,), generator=g).to(device)
+    return h, w, y
+
+
+def _step(fn, h, w, y):
+    h.grad, w.grad = None, None
+    loss = fn(h, w, y)
+    loss.backward()
+    if h.is_cuda:
+        torch.cuda.synchronize()
+    return loss
+
+
+def _reference(key, h, w, y):
+    """fp32 loss and grads of the naive recipe, computed once per shape."""
+    if key not in _REFERENCE:
+        hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        loss = _step(_naive, hr, wr, y)
+        _REFERENCE.clear()
+        _REFERENCE[key] = (loss.detach(), hr.grad, wr.grad)
+    return _REFERENCE[key]
+
+
+def _check(key, loss, h, w, y, tol):
+    ref_loss, ref_dh, ref_dw = _reference(key, h, w, y)
+    torch.testing.assert_close(loss.detach().float(), ref_loss, atol=tol, rtol=tol)
+    torch.testing.assert_close(h.grad.float(), ref_dh, atol=tol, rtol=tol)
+    torch.testing.assert_close(w.grad.float(), ref_dw, atol=tol, rtol=tol)
+
+
+def _cpu_peak(fn, h0, w0, y):
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    with tracker:
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = _step(fn, h, w, y)
+    peak = tracker.get_tracker_snapshot("peak")[h.device]["Total"]
+    return peak, loss, h, w
+
+
+def _gpu_peak(fn, h, w, y):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() - h.nbytes - w.nbytes
+    loss = _step(fn, h, w, y)
+    return torch.cuda.max_memory_allocated() - base, loss
+
+
+def _record(benchmark, shape, provider, dtype, device, peak, floor, n):
+    benchmark.group = f"loss-{device}-{shape}"
+    benchmark.extra_info.update(
+        provider=provider, shape=shape, device=device, dtype=str(dtype).replace("torch.", ""), mode="fwd+bwd",
+        peak_mib=peak / 2**20, floor_mib=floor / 2**20, above_floor_mib=(peak - floor) / 2**20,
+        threads=torch.get_num_threads(),
+    )
+
+
+def _tokens_per_s(benchmark, n):
+    if benchmark.stats:
+        benchmark.extra_info["tokens_per_s"] = n / benchmark.stats.stats.mean
+
+
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
+@pytest.mark.parametrize("shape", list(CPU_SHAPES))
+def test_bench_loss_cpu(benchmark, shape, provider):
+    _skip_missing(provider)
+    n, hdim, v = CPU_SHAPES[shape]
+    fn = PROVIDERS[provider]
+    h0, w0, y = _inputs(n, hdim, v, torch.float32, "cpu")
+    peak, loss, h, w = _cpu_peak(fn, h0, w0, y)
+    _check(shape, loss, h, w, y, 1e-4)
+    _record(benchmark, shape, provider, torch.float32, "cpu", peak, 2 * (h.nbytes + w.nbytes), n)
+    del h, w
+    h, w = h0.requires_grad_(), w0.requires_grad_()
+    benchmark.pedantic(_step, args=(fn, h, w, y), rounds=2 if FULL else 1, warmup_rounds=0)
+    _tokens_per_s(benchmark, n)
+
+
+@pytest.mark.skipif(not CUDA, reason="GPU benchmark")
+@pytest.mark.parametrize("provider", GPU_PROVIDERS)
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_bench_loss_gpu(benchmark, shape, provider):
+    _skip_missing(provider)
+    n, hdim, v = GPU_SHAPES[shape]
+    fn = PROVIDERS[provider]
+    h, w, y = _inputs(n, hdim, v, torch.bfloat16, "cuda")
+    h.requires_grad_()
+    w.requires_grad_()
+    _step(fn, h, w, y)
+    peak, loss = _gpu_peak(fn, h, w, y)
+    _check(shape, loss, h, w, y, 5e-2)
+    _record(benchmark, shape, provider, torch.bfloat16, "cuda", peak, 2 * (h.nbytes + w.nbytes), n)
+    benchmark.pedantic(_step, args=(fn, h, w, y), rounds=5, warmup_rounds=1)
+    _tokens_per_s(benchmark, n)

@@ -1,0 +1,115 @@
+# B batch, T time, H hidden, V vocab
+"""Next-token loss of a HuggingFace causal LM without materializing its (B, T, V) logits.
+
+`causal_lm_loss(model, input_ids)` equals `model(input_ids, labels=input_ids).loss`, in value and in
+every parameter's gradient: it runs the base model to its final hidden states and hands them, with the
+output embedding's weight and bias, to `kernels.linear_cross_entropy`.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from kernels.lce import linear_cross_entropy
+
+__all__ = ["causal_lm_loss", "lm_head_params"]
+
+IMPLS = ("naive", "chunked", "triton", "auto")
+
+
+def lm_head_params(model) -> dict:
+    """The output head's weight, bias, pre-softmax scale and softcap, read from the model and its config."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"causal_lm_loss: expected a causal LM with an output embedding, given {type(model).__name__}")
+    config = model.config
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:
+        scale /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return {"weight": head.weight, "bias": getattr(head, "bias", None), "scale": scale, "softcap": softcap}
+
+
+def _base_model(model):
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise ValueError(
+            f"causal_lm_loss: expected a causal LM wrapping a base model (e.g. GPT2LMHeadModel), "
+            f"given {type(model).__name__}"
+        )
+    return base
+
+
+def _naive_loss(hidden, weight, bias, target, softcap, ignore_index=-100, reduction="mean", num_items=None,
+                label_smoothing=0.0, **_unused):
+    logits = F.linear(hidden, weight, bias)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    red = "sum" if num_items is not None else reduction
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index, reduction=red,
+        label_smoothing=label_smoothing,
+    )
+    if num_items is not None:
+        loss = loss / num_items
+    return (loss.reshape(target.shape) if red == "none" else loss).to(hidden.dtype)
+
+
+def causal_lm_loss(
+    model,
+    input_ids: torch.Tensor,  # (B, T)
+    labels: torch.Tensor | None = None,  # (B, T), -100 where ignored
+    *,
+    attention_mask: torch.Tensor | None = None,  # (B, T), 0 at padding
+    impl: str = "auto",
+    **loss_kwargs,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of a HuggingFace causal LM, with no (B, T, V) logits.
+
+    Positions [:, :-1] predict labels[:, 1:] (labels default to input_ids), as in
+    `model(input_ids, labels=input_ids).loss`. Config-level `logit_scale` (Cohere), `logits_scaling`
+    (Granite) and `final_logit_softcapping` (Gemma 2) are applied.
+
+    Args:
+        model: a transformers causal LM (…ForCausalLM / …LMHeadModel), tied head or not.
+        input_ids: token ids, (B, T) with T >= 2.
+        labels: targets, (B, T); -100 marks ignored positions. Default: input_ids, with positions where
+            attention_mask == 0 set to -100.
+        attention_mask: passed to the base model.
+        impl: "naive" (full logits and F.cross_entropy, the HF recipe), or a `linear_cross_entropy` impl:
+            "chunked", "triton", "auto".
+        **loss_kwargs: passed to `linear_cross_entropy` (reduction, num_items, chunk_size, label_smoothing,
+            ignore_index).
+
+    Returns:
+        The loss, a 0-dim tensor (or (B, T-1) for reduction="none").
+
+    Example:
+        >>> loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], impl="chunked")
+        >>> loss.backward()
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"causal_lm_loss: expected impl in {IMPLS}, given {impl!r}")
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+        raise ValueError(f"causal_lm_loss: expected input_ids of shape (B, T) with T >= 2, given {shape}")
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+    if tuple(labels.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"causal_lm_loss: expected labels of shape {tuple(input_ids.shape)}, given {tuple(labels.shape)}"
+        )
+    out = _base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out[0][:, :-1]
+    head = lm_head_params(model)
+    weight, bias = head["weight"], head["bias"]
+    if head["scale"] != 1.0:
+        hidden = hidden * head["scale"]
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    target = labels[:, 1:].to(hidden.device)
+    if impl == "naive":
+        return _naive_loss(hidden, weight, bias, target, head["softcap"], **loss_kwargs)
+    return linear_cross_entropy(hidden, weight, target, bias=bias, softcap=head["softcap"], impl=impl, **loss_kwargs)
