@@ -81,8 +81,8 @@ def lstm_layer(
         xw = xw + b_hh
 
     outs = []
-    for t in range(x.shape[0]):
-        h_next, c_next = _update(xw[t] + h @ w_hh.T, c, w_hr)
+    for t, xw_t in enumerate(xw.unbind(0)):
+        h_next, c_next = _update(xw_t + h @ w_hh.T, c, w_hr)
         if lengths is None:
             h, c = h_next, c_next
             outs.append(h)
