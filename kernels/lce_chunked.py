@@ -42,11 +42,16 @@ def no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+MIN_CHUNK_ROWS = 256
+
+
 def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk so that a chunk's (C, V) logits take about as many elements as the (N, H) hidden."""
+    """Rows per chunk so that a chunk's (C, V) logits take about as many elements as the (N, H) hidden,
+    but at least `MIN_CHUNK_ROWS`: each chunk reads and writes the whole fp32 dW (V, H), so a thinner
+    chunk turns the weight-gradient product into memory traffic (2 C FLOPs per 8 bytes)."""
     rows = max(1, math.ceil(n_rows * hidden / vocab))
     rows = 1 << (rows - 1).bit_length()
-    return max(1, min(n_rows, max(rows, 32)))
+    return max(1, min(n_rows, max(rows, MIN_CHUNK_ROWS)))
 
 
 def acc_dtype_for(dtype: torch.dtype) -> torch.dtype:

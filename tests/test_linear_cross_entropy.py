@@ -222,9 +222,10 @@ def test_second_backward_through_scalar_loss_raises(device):
 
 
 def test_default_chunk_size_follows_the_memory_rule():
-    n, hdim, v = 8192, 576, 49152
+    n, hdim, v = 65536, 2048, 32000
     c = lce_chunked.default_chunk_size(n, hdim, v)
     assert n * hdim / 2 <= c * v <= 2 * n * hdim
+    assert lce_chunked.default_chunk_size(8192, 576, 49152) == lce_chunked.MIN_CHUNK_ROWS
     assert lce_chunked.default_chunk_size(3, 16, 50257) == 3
 
 
