@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from train.generate import read_prompt_entries as read_prompts
 from train.probe import article_probe, article_token_classes, builtin_contexts, heldout_contexts
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
 
 SCHEMA = "leanfit.evaluate/1"
 PROG = "leanfit evaluate"
-THEME_SEPARATOR = "||"
 
 
 @torch.no_grad()
@@ -114,26 +114,6 @@ def distinct_n(texts, n):
         words = text.lower().split()
         grams += [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def read_prompts(path):
-    """Reads a prompts file (format in the module doc) into [{"prompt": str, "themes": [str]}, ...]."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"prompts file not found: {path} (expected a text file, one prompt per line)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"prompts file {path} is not valid UTF-8 (expected a UTF-8 text file)") from None
-    prompts = []
-    for line in lines:
-        prompt, _, themes = line.partition(THEME_SEPARATOR)
-        prompt = prompt.strip()
-        if prompt:
-            prompts.append({"prompt": prompt, "themes": [w.strip() for w in themes.split(",") if w.strip()]})
-    if not prompts:
-        raise ValueError(f"prompts file {path} has no prompts (expected one prompt per line)")
-    return prompts
 
 
 def _continuation(prompt, text):

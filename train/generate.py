@@ -16,24 +16,37 @@ import torch
 
 from train.cli_common import OneLineParser, fail, non_negative_int, positive_float, positive_int
 
-__all__ = ["DEFAULT_PROMPTS", "read_prompts", "generate_texts", "main"]
+__all__ = ["DEFAULT_PROMPTS", "read_prompts", "read_prompt_entries", "generate_texts", "main"]
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.txt"
 
 
-def read_prompts(path) -> list[str]:
-    """Non-empty lines of a UTF-8 file, one prompt each; a "|| theme, words" suffix (for `evaluate`) is dropped."""
+THEME_SEPARATOR = "||"
+
+
+def read_prompt_entries(path) -> list[dict]:
+    """A UTF-8 prompts file, one prompt per line with an optional "|| theme, words" suffix (used by `evaluate`),
+    as [{"prompt": str, "themes": [str]}, ...]."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompts file not found: {path} (expected a text file, one prompt per line)")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise ValueError(f"prompts file {path} is not valid UTF-8 (expected UTF-8 text)") from None
-    prompts = [line.split("||", 1)[0].strip() for line in lines if line.split("||", 1)[0].strip()]
-    if not prompts:
+        raise ValueError(f"prompts file {path} is not valid UTF-8 (expected a UTF-8 text file)") from None
+    entries = []
+    for line in lines:
+        prompt, _, themes = line.partition(THEME_SEPARATOR)
+        if prompt.strip():
+            entries.append({"prompt": prompt.strip(), "themes": [w.strip() for w in themes.split(",") if w.strip()]})
+    if not entries:
         raise ValueError(f"prompts file {path} has no prompts (expected one prompt per line)")
-    return prompts
+    return entries
+
+
+def read_prompts(path) -> list[str]:
+    """The prompts of a prompts file, without their theme lists."""
+    return [entry["prompt"] for entry in read_prompt_entries(path)]
 
 
 def _check(prompts, max_length, num_return_sequences, temperature, top_k, top_p):
