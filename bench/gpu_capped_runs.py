@@ -24,15 +24,13 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from train.budget import choose_config  # noqa: E402
-from train.estimate import GiB, StepConfig, estimate_step, parse_bytes  # noqa: E402
-from train.lm_loss import causal_lm_loss  # noqa: E402
-from train.memory import apply_memory_cap  # noqa: E402
-from train.optim_backward import OptimizerInBackward  # noqa: E402
-from train.presets import preset_config  # noqa: E402
-from train.step_trace import make_optimizer  # noqa: E402
+from leanfit.train.budget import choose_config
+from leanfit.train.estimate import GiB, StepConfig, estimate_step, parse_bytes
+from leanfit.train.lm_loss import causal_lm_loss
+from leanfit.train.memory import apply_memory_cap
+from leanfit.train.optim_backward import OptimizerInBackward
+from leanfit.train.presets import preset_config
+from leanfit.train.step_trace import make_optimizer
 
 AMP = {"loss_impl": "chunked", "autocast": "bfloat16"}
 ACCURACY_CASES = [

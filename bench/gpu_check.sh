@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: CUDA tests of the kernels, LSTM benchmarks against cuDNN, loss benchmarks
 # against naive / torch native / Liger / CCE, and capped fine-tuning runs against their estimates.
-# Runs from source with what the GPU machine has (torch 2.11, triton 3.6, transformers 5.17,
-# pytest-benchmark). Liger-Kernel and cut-cross-entropy travel as wheels in .whl/ (see bench/RESULTS.md).
+# Installs this tree as `leanfit` (editable, no network, no dependency changes) over what the GPU machine has
+# (torch 2.11, triton 3.6, transformers 5.17, pytest-benchmark). Liger-Kernel and cut-cross-entropy travel as wheels in .whl/ (see bench/RESULTS.md).
 # Writes one log, machine.txt and the pytest-benchmark JSON under $OUT (the device tool returns 8 files at most) and prints the ratio tables last.
 # Usage (device tool, carry .whl): bash bench/gpu_check.sh     budget: about 9 minutes at most (step limits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || { echo "cannot install leanfit"; exit 1; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 status=0
 step() {  # step NAME TIMEOUT_S COMMAND...: runs one part, logs it, keeps going on failure

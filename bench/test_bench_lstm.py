@@ -15,7 +15,7 @@ suite runs it once with `--benchmark-disable` as a smoke check.
 import pytest
 import torch
 
-from lstm_core import LSTM
+from leanfit.lstm_core import LSTM
 
 SHAPES = {
     "fastrnns-T100-B64-H512": dict(T=100, B=64, I=512, H=512),

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from train.finetune import accumulate_gradients, make_loss_fn, optimizer_step
+from leanfit.train.finetune import accumulate_gradients, make_loss_fn, optimizer_step
 
 FULL = os.environ.get("LEANFIT_BENCH_FULL") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,7 +35,7 @@ def build(name):
         config = LlamaConfig(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     else:
-        from train.presets import preset_config
+        from leanfit.train.presets import preset_config
 
         config = preset_config(name)
     torch.manual_seed(0)

@@ -6,8 +6,9 @@ Public names load lazily, so importing `kernels` does not import Triton.
 import importlib
 
 _EXPORTS = {
-    "fused_lstm": "kernels.lstm",
-    "linear_cross_entropy": "kernels.lce",
+    "fused_lstm": ".lstm",
+    "linear_cross_entropy": ".lce",
+    "naive_linear_cross_entropy": ".lce_naive",
 }
 
 __all__ = list(_EXPORTS)
@@ -15,5 +16,5 @@ __all__ = list(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,12 +10,12 @@ import os
 
 import torch
 
-from kernels.lce_chunked import ChunkedLCEFunction, LCEOptions, default_chunk_size, no_autocast
+from .lce_chunked import ChunkedLCEFunction, LCEOptions, default_chunk_size, no_autocast
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "IMPLS"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_IMPLS = ("auto", "chunked", "triton")
+IMPLS = ("auto", "chunked", "triton")
 
 
 def _check(cond: bool, expected: str, given) -> None:
@@ -60,7 +60,7 @@ def _validate(hidden, weight, target, bias, reduction, label_smoothing, softcap,
         "chunk_size None or a positive int",
         chunk_size,
     )
-    _check(impl in _IMPLS, f"impl in {_IMPLS}", repr(impl))
+    _check(impl in IMPLS, f"impl in {IMPLS}", repr(impl))
 
 
 def _check_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -104,6 +104,7 @@ def linear_cross_entropy(
     num_items: int | float | torch.Tensor | None = None,
     chunk_size: int | None = None,
     impl: str = "auto",
+    all_targets_valid: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T + bias` against `target`, without holding the (N, V) logits.
 
@@ -131,6 +132,9 @@ def linear_cross_entropy(
         impl: "chunked" (plain PyTorch, any dtype), "triton" (fused kernel, fp32/bf16/fp16; CUDA, or
             the interpreter with TRITON_INTERPRET=1), or "auto" (triton on CUDA, chunked otherwise or
             for fp64).
+        all_targets_valid: the caller promises every target is in [0, V), none `ignore_index`; the two scans
+            of the targets that need their values on the host (the range check, the ignored-row count) are
+            skipped. It lets the loss run on `meta` tensors (the memory estimate) and saves a device sync.
 
     Returns:
         A 0-dim tensor for "mean"/"sum", else a tensor shaped like target; in hidden's dtype.
@@ -145,7 +149,8 @@ def linear_cross_entropy(
     vocab, width = weight.shape
     flat_h = hidden.reshape(-1, width)
     flat_t = target.reshape(-1).long()
-    _check_targets(flat_t, vocab, ignore_index)
+    if not all_targets_valid:
+        _check_targets(flat_t, vocab, ignore_index)
     n = flat_h.shape[0]
     opts = LCEOptions(
         ignore_index=int(ignore_index),
@@ -153,6 +158,7 @@ def linear_cross_entropy(
         label_smoothing=float(label_smoothing),
         softcap=None if softcap is None else float(softcap),
         chunk_size=chunk_size or default_chunk_size(max(n, 1), width, vocab),
+        all_targets_valid=bool(all_targets_valid),
     )
     divisor = None
     if num_items is not None:
@@ -163,7 +169,7 @@ def linear_cross_entropy(
     need = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
     fn = ChunkedLCEFunction
     if _resolve_impl(impl, hidden.device, hidden.dtype) == "triton":
-        from kernels.lce_triton import TritonLCEFunction as fn
+        from .lce_triton import TritonLCEFunction as fn  # deferred: importing Triton is slow and CUDA-only
     with no_autocast(hidden.device):
         out = fn.apply(flat_h, weight, bias, flat_t, divisor, opts, need)
     return out.reshape(target.shape) if reduction == "none" else out

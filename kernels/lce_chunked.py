@@ -33,6 +33,7 @@ class LCEOptions:
     label_smoothing: float
     softcap: float | None
     chunk_size: int
+    all_targets_valid: bool = False
 
 
 def no_autocast(device: torch.device):
@@ -148,8 +149,10 @@ def _dh_slot(dh: torch.Tensor | None, idx: torch.Tensor | None, a: int, b: int, 
     return dh[a:b] if idx is None else torch.empty_like(h)
 
 
-def _valid_rows(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor | None, int]:
-    valid = target != ignore_index
+def _valid_rows(target: torch.Tensor, opts: LCEOptions) -> tuple[torch.Tensor | None, int]:
+    if opts.all_targets_valid:
+        return None, target.numel()
+    valid = target != opts.ignore_index
     n_valid = int(valid.sum())
     if n_valid == target.numel():
         return None, n_valid
@@ -167,7 +170,7 @@ def chunked_forward(
     """Per-row losses (N,) or their sum, and the unscaled grads of hidden, weight, bias where `need` says."""
     n, v = hidden.shape[0], weight.shape[0]
     acc = acc_dtype_for(hidden.dtype)
-    idx, n_valid = _valid_rows(target, opts.ignore_index)
+    idx, n_valid = _valid_rows(target, opts)
     chunk = min(opts.chunk_size, max(n_valid, 1))
     buf = hidden.new_empty((chunk, v), dtype=acc)
     tanh_buf = torch.empty_like(buf) if opts.softcap is not None else None
@@ -213,7 +216,7 @@ def chunked_backward_none(
     """Recomputes each chunk's logits and returns (dh, dW, db) for `reduction="none"`."""
     v = weight.shape[0]
     acc = lse.dtype
-    idx, n_valid = _valid_rows(target, opts.ignore_index)
+    idx, n_valid = _valid_rows(target, opts)
     chunk = min(opts.chunk_size, max(n_valid, 1))
     buf = hidden.new_empty((chunk, v), dtype=acc)
     tanh_buf = torch.empty_like(buf) if opts.softcap is not None else None

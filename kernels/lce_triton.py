@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lce_chunked import LCEOptions, no_autocast
+from .lce_chunked import LCEOptions, no_autocast
 
 __all__ = ["TritonLCEFunction", "lce_triton_forward", "lce_triton_backward"]
 

@@ -12,13 +12,13 @@
 import triton
 import triton.runtime.interpreter as interpreter
 
-__all__ = ["INTERPRET", "device_fn", "patch_interpreter_index"]
+__all__ = ["device_fn", "patch_interpreter_index"]
 
-INTERPRET = bool(triton.knobs.runtime.interpret)
+_INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
 def device_fn(fn):
-    return fn if INTERPRET else triton.jit(fn)
+    return fn if _INTERPRET else triton.jit(fn)
 
 
 def _index(self):

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
+from leanfit.train.finetune import main as finetune_main
+from leanfit.train.generate import main as generate_main
 from tests.tiny_lm import tiny_model_dir
-from train.finetune import main as finetune_main
-from train.generate import main as generate_main
 
 
 def corpus_file(tmp_path, content):
@@ -76,7 +76,7 @@ def test_generate_bad_numbers(capsys):
 
 def test_console_script_end_to_end(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "train.cli", "finetune", "--model", "nobody/no-such-model",
+    cmd = [sys.executable, "-m", "leanfit.train.cli", "finetune", "--model", "nobody/no-such-model",
            "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and proc.stdout == ""

@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from tests.tiny_lm import TRAIN_TEXT, tiny_tokenizer
-from train.data import (
+from leanfit.train.data import (
     DEFAULT_CORPUS,
     BlockLoader,
     CorpusError,
@@ -13,6 +12,7 @@ from train.data import (
     split_blocks,
     strip_gutenberg,
 )
+from tests.tiny_lm import TRAIN_TEXT, tiny_tokenizer
 
 
 def test_embedded_corpus_is_stripped_of_gutenberg_matter():

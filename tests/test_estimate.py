@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from train.estimate import StepConfig, estimate_step, main, parse_bytes
-from train.lm_loss import causal_lm_loss
-from train.memory import MemoryProfiler
-from train.presets import preset_config
-from train.step_trace import make_optimizer
+from leanfit.train.estimate import StepConfig, estimate_step, main, parse_bytes
+from leanfit.train.lm_loss import causal_lm_loss
+from leanfit.train.memory import MemoryProfiler
+from leanfit.train.presets import preset_config
+from leanfit.train.step_trace import make_optimizer
 
 
 def tiny_gpt2(dropout=0.1):
@@ -104,7 +104,7 @@ def test_naive_minus_chunked_is_three_logits_copies_per_token():
 
 
 def test_budget_chooser_picks_largest_micro_batch_that_fits():
-    from train.budget import choose_config
+    from leanfit.train.budget import choose_config
 
     config = tiny_gpt2()
     at = {b: estimated(config, b, 64).peak_bytes for b in (3, 6)}
@@ -117,7 +117,7 @@ def test_budget_chooser_picks_largest_micro_batch_that_fits():
 
 
 def test_budget_chooser_turns_on_savings_when_needed_and_reports_nothing_fits():
-    from train.budget import NothingFits, choose_config
+    from leanfit.train.budget import NothingFits, choose_config
 
     config = tiny_gpt2()
     naive1 = estimated(config, 1, 64).peak_bytes
@@ -167,8 +167,8 @@ def test_cli_nothing_fits_exits_2_with_smallest_breakdown(capsys, tmp_path):
 
 
 def test_choice_for_a_finetune_config_keeps_sequences_per_step(tmp_path):
-    from train.budget import choose_for_train_config, train_config_changes
-    from train.config import TrainConfig
+    from leanfit.train.budget import choose_for_train_config, train_config_changes
+    from leanfit.train.config import TrainConfig
 
     tiny_gpt2().save_pretrained(tmp_path)
     config = TrainConfig(model=str(tmp_path), block_size=31, batch_size=4, grad_accum=1, clip=1.0)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train.evaluate import (
+from leanfit.train.evaluate import (
     block_nll,
     distinct_n,
     evaluate_model,
@@ -18,7 +18,7 @@ from train.evaluate import (
     read_prompts,
     samples_logprob,
 )
-from train.probe import (
+from leanfit.train.probe import (
     article_probe,
     article_token_classes,
     article_token_ids,
@@ -30,7 +30,7 @@ from train.probe import (
 
 @pytest.fixture(scope="module")
 def pretrained():
-    from train.models import load_model
+    from leanfit.train.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     return model.eval(), tokenizer
@@ -239,7 +239,6 @@ def test_samples_logprob_matches_hf_loss(tokenizer):
 
 @pytest.mark.slow
 def test_evaluate_model_and_prompt_study(tokenizer):
-    pytest.importorskip("train.generate", reason="train.generate (issue 5) is not in this tree yet")
     model = tiny_llama(len(tokenizer))
     blocks = torch.tensor(tokenizer(" It was an old house and a cold night." * 12, add_special_tokens=False)[
         "input_ids"][:96]).view(6, 16)

@@ -7,10 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_close
-from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
-from train.config import TrainConfig
-from train.finetune import (
+from leanfit.train.config import TrainConfig
+from leanfit.train.finetune import (
     OUTPUT_WRITERS,
     Hooks,
     accumulate_gradients,
@@ -18,6 +16,8 @@ from train.finetune import (
     make_loss_fn,
     run,
 )
+from tests.helpers import assert_close
+from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
 
 GRAD_TOL = {torch.float32: (1e-6, 1e-4)}
 OUTPUTS = ["metrics.jsonl", "loss.png", "checkpoint", "train_state.pt", "run.json", "samples.md", "samples.jsonl"]
@@ -125,7 +125,7 @@ def test_loss_falls_on_a_repeated_text_and_every_output_is_written(tmp_path, cor
 def test_reloaded_checkpoint_gives_the_same_logits(tmp_path, corpus, prompts):
     from transformers import AutoModelForCausalLM
 
-    from train.models import load_model
+    from leanfit.train.models import load_model
 
     held = {}
     hooks = Hooks(writers=OUTPUT_WRITERS + [lambda ctx: held.update(model=ctx.model)])
@@ -143,7 +143,7 @@ def test_reloaded_checkpoint_gives_the_same_logits(tmp_path, corpus, prompts):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_resume_after_sigint_equals_an_uninterrupted_run(tmp_path, corpus, prompts, dtype):
-    from train.finetune import main
+    from leanfit.train.finetune import main
 
     common = dict(dropout=0.1, iters=8, eval_every=3, lr=1e-3 if dtype == "fp32" else 5e-4, dtype=dtype)
     whole = tiny_config(tmp_path, corpus, prompts, out=str(tmp_path / "whole"), **common)

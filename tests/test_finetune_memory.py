@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
+from leanfit.train.config import TrainConfig
+from leanfit.train.finetune import Hooks, main, run
 from tests.helpers import assert_close
 from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
-from train.config import TrainConfig
-from train.finetune import Hooks, main, run
 
 PARAM_TOL = {torch.float32: (1e-5, 1e-4)}
 SECTIONS = ["## Configuration", "## Loss curves", "## Memory", "## Perplexity", "## The a/an probe",
@@ -84,12 +84,12 @@ def test_a_run_writes_the_evaluations_the_report_and_a_memory_report_that_adds_u
 
 def test_dry_run_with_a_budget_prints_a_choice_and_loads_and_writes_nothing(tmp_path, corpus, capsys,
                                                                             monkeypatch):
-    import train.models
+    import leanfit.train.models as models
 
     def no_weights(*a, **k):
         raise AssertionError("a dry run loaded weights")
 
-    monkeypatch.setattr(train.models, "load_model", no_weights)
+    monkeypatch.setattr(models, "load_model", no_weights)
     assert main(argv(tmp_path, corpus, "--batch-size", "4", "--memory-budget", "1GiB", "--dry-run")) == 0
     out = capsys.readouterr().out
     assert "chosen: micro-batch 4 x 17 tokens, 1 accumulation step(s)" in out
@@ -140,7 +140,7 @@ def test_optimizer_in_backward_matches_the_normal_step(tmp_path, corpus, prompts
 
 
 def test_out_of_memory_saves_the_last_step_and_the_memory_report(tmp_path, corpus, prompts):
-    from train.finetune import OutOfMemory, make_loss_fn
+    from leanfit.train.finetune import OutOfMemory, make_loss_fn
 
     loss, calls = make_loss_fn("chunked"), []
 

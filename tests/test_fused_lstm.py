@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from kernels.lstm import fused_lstm
-from lstm_core import LSTM
-from lstm_core.functional import lstm_layer
+from leanfit.kernels.lstm import fused_lstm
+from leanfit.lstm_core import LSTM
+from leanfit.lstm_core.functional import lstm_layer
 from tests.helpers import assert_close
 
 TOL = {
@@ -222,7 +222,7 @@ def test_bad_input_raises(change, match, device):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a CPU without the Triton interpreter")
 def test_cpu_without_interpreter_says_what_it_needs():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import torch; from lstm_core import LSTM; LSTM(4, 8, backend='triton')(torch.randn(3, 2, 4))"
+    code = "import torch; from leanfit.lstm_core import LSTM; LSTM(4, 8, backend='triton')(torch.randn(3, 2, 4))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode != 0

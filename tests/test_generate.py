@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
+from leanfit.train.generate import generate_texts, main
+from leanfit.train.models import load_model
 from tests.tiny_lm import tiny_model_dir
-from train.generate import generate_texts, main
-from train.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_embedded_model_loads_converts_and_generates(tmp_path):
     import gguf
     from transformers import AutoModelForCausalLM
 
-    from train.models import embedded_gguf_path, save_checkpoint
+    from leanfit.train.models import embedded_gguf_path, save_checkpoint
 
     model, tokenizer = load_model("smollm2-135m")
     assert getattr(model.config, "quantization_config", None) is None

@@ -4,10 +4,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import kernels.lce_chunked as lce_chunked
-from kernels import linear_cross_entropy
+import leanfit.kernels.lce_chunked as lce_chunked
+from leanfit.kernels import linear_cross_entropy, naive_linear_cross_entropy
 from tests.helpers import assert_close
 
 TABLE = {
@@ -20,16 +19,8 @@ HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == 
 IMPLS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no CUDA, no interpreter"))]
 
 
-def _reference(h, w, y, b=None, softcap=None, reduction="mean", label_smoothing=0.0, num_items=None, chunk_size=None):
-    """fp64 (or fp32 for low precision inputs) logits, then F.cross_entropy."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    z = F.linear(h.to(acc), w.to(acc), None if b is None else b.to(acc))
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    red = "sum" if num_items is not None else reduction
-    loss = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), reduction=red, label_smoothing=label_smoothing)
-    loss = loss / num_items if num_items is not None else loss
-    return loss.reshape(y.shape) if red == "none" else loss
+def _reference(h, w, y, b=None, **kw):
+    return naive_linear_cross_entropy(h, w, y, bias=b, **kw)
 
 
 def _inputs(shape_n, h, v, dtype, device, bias=False, scale=1.0):
@@ -278,3 +269,22 @@ def test_autocast_does_not_change_the_result(impl, device):
     assert_close("loss", ref, loss, table=TABLE)
     for name, r, g in zip(("d_hidden", "d_weight", "d_bias"), torch.autograd.grad(ref, (h, w, b)), grads):
         assert_close(name, r, g, table=TABLE)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_naive_reference_against_the_formula_in_fp64(reduction):
+    """The reference itself, against lse(z) - (1 - e) z_t - (e / V) sum_j z_j written out in fp64."""
+    h, w, b, y = _inputs((2, 9), 12, 30, torch.float64, "cpu", bias=True)
+    y[0, 3] = -100
+    eps, cap = 0.1, 5.0
+    out = naive_linear_cross_entropy(h, w, y, bias=b, reduction=reduction, label_smoothing=eps, softcap=cap)
+    z = cap * torch.tanh((h @ w.T + b) / cap)
+    per_row = torch.logsumexp(z, -1) - (1 - eps) * z.gather(-1, y.clamp_min(0)[..., None])[..., 0] - eps * z.mean(-1)
+    per_row = per_row * (y != -100)
+    expected = {"none": per_row, "sum": per_row.sum(), "mean": per_row.sum() / (y != -100).sum()}[reduction]
+    assert_close("loss", expected, out)
+    up = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (h, w, b), up)
+    ref_grads = torch.autograd.grad(expected, (h, w, b), up)
+    for name, r, g in zip(("d_hidden", "d_weight", "d_bias"), ref_grads, grads):
+        assert_close(name, r, g)

@@ -16,8 +16,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from leanfit.train.lm_loss import causal_lm_loss
 from tests.helpers import assert_close
-from train.lm_loss import causal_lm_loss
 
 TABLE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-6, 2e-5)}
 HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"

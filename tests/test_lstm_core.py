@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from lstm_core import LSTM, LSTMCell, lstm_cell
+from leanfit.lstm_core import LSTM, LSTMCell, lstm_cell
 from tests.helpers import assert_close
 
 I, H, T, B = 7, 12, 6, 4

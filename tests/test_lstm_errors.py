@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-import lstm_core
-from lstm_core import LSTM, LSTMCell
+import leanfit.lstm_core as lstm_core
+from leanfit.lstm_core import LSTM, LSTMCell
 
 
 @pytest.mark.parametrize(

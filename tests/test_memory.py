@@ -8,8 +8,8 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from train.lm_loss import causal_lm_loss
-from train.memory import CPU_KINDS, CUDA_KINDS, MemoryProfiler, TensorCounter
+from leanfit.train.lm_loss import causal_lm_loss
+from leanfit.train.memory import CPU_KINDS, CUDA_KINDS, MemoryProfiler, TensorCounter
 
 
 def tiny_setup(device):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
+from leanfit.train.lm_loss import causal_lm_loss
+from leanfit.train.optim_backward import OptimizerInBackward, check_optimizer_in_backward
 from tests.helpers import assert_close
-from train.lm_loss import causal_lm_loss
-from train.optim_backward import OptimizerInBackward, check_optimizer_in_backward
 
 
 def tiny_model(device):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from train.report import main, write_comparison_report, write_report
+from leanfit.train.report import main, write_comparison_report, write_report
 
 SECTIONS = ["## Configuration", "## Loss curves", "## Memory", "## Perplexity", "## The a/an probe",
             "## Prompt studies", "## Samples"]
@@ -125,10 +125,10 @@ def test_report_cli(tmp_path, capsys):
 
 
 def test_finetune_hooks_write_evals_and_report(tmp_path):
+    from leanfit.train.config import TrainConfig
+    from leanfit.train.evaluate import finetune_eval_after, finetune_eval_before
+    from leanfit.train.finetune import OUTPUT_WRITERS, Hooks, run
     from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
-    from train.config import TrainConfig
-    from train.evaluate import finetune_eval_after, finetune_eval_before
-    from train.finetune import OUTPUT_WRITERS, Hooks, run
 
     corpus, prompts = tmp_path / "corpus.txt", tmp_path / "prompts.txt"
     corpus.write_text(TRAIN_TEXT)

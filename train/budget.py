@@ -15,7 +15,7 @@ is used to guess; the guess is then traced, and so is the next larger divisor to
 
 from dataclasses import asdict, dataclass, replace
 
-from train.estimate import Estimate, StepConfig, estimate_step, format_bytes
+from .estimate import Estimate, StepConfig, estimate_step, format_bytes
 
 _CHUNKED = {"loss_impl": "chunked"}
 _AMP = {"loss_impl": "chunked", "autocast": "bfloat16"}

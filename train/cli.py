@@ -8,11 +8,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "finetune": ("train.finetune", "fine-tune a causal LM on a text corpus"),
-    "generate": ("train.generate", "generate continuations of prompts"),
-    "estimate": ("train.estimate", "predict a training step's peak memory before launch"),
-    "evaluate": ("train.evaluate", "perplexity, the a/an probe and prompt studies"),
-    "info": ("train.info", "versions, devices and which backends can run here"),
+    "finetune": ("leanfit.train.finetune", "fine-tune a causal LM on a text corpus"),
+    "generate": ("leanfit.train.generate", "generate continuations of prompts"),
+    "estimate": ("leanfit.train.estimate", "predict a training step's peak memory before launch"),
+    "evaluate": ("leanfit.train.evaluate", "perplexity, the a/an probe and prompt studies"),
+    "info": ("leanfit.train.info", "versions, devices and which backends can run here"),
 }
 
 

@@ -92,12 +92,12 @@ def validate(config: TrainConfig) -> TrainConfig:
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
     if config.memory_budget is not None:
-        from train.estimate import parse_bytes
+        from .estimate import parse_bytes
 
         if parse_bytes(config.memory_budget) <= 0:
             raise ValueError(f"memory_budget must be a positive size like 15GiB, got {config.memory_budget!r}")
     if config.optimizer_in_backward:
-        from train.optim_backward import check_optimizer_in_backward
+        from .optim_backward import check_optimizer_in_backward
 
         check_optimizer_in_backward(config.grad_accum, config.clip, config.dtype == "fp16")
     return config

@@ -165,7 +165,7 @@ def estimate_step(cfg=None, *, cuda_context_bytes=None, cublas_workspace_bytes=N
         >>> est = estimate_step(model="gpt2", batch_size=24, block_size=1024, loss_impl="chunked")
         >>> print(est.table(budget_bytes=parse_bytes("15GiB")))
     """
-    from train.step_trace import trace_step
+    from .step_trace import trace_step
 
     cfg = (cfg or StepConfig(**kwargs)).validate()
     traced = trace_step(cfg, top=top)
@@ -219,7 +219,7 @@ def main(argv=None):
         overrides = {"cuda_context_bytes": context, "allocator_margin": args.allocator_margin}
         if args.choose:
             return _choose(args, fields, budget, overrides)
-        from train.presets import load_config
+        from .presets import load_config
 
         load_config(args.model)
         est = estimate_step(StepConfig(**fields), **overrides)
@@ -231,7 +231,7 @@ def main(argv=None):
 
 
 def _choose(args, fields, budget, overrides):
-    from train.budget import NothingFits, choose_config
+    from .budget import NothingFits, choose_config
 
     if budget is None:
         raise ValueError("--choose: expected --memory-budget, given none")

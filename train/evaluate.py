@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from train.generate import read_prompt_entries as read_prompts
-from train.probe import article_probe, article_token_classes, builtin_contexts, heldout_contexts
+from .generate import read_prompt_entries as read_prompts
+from .probe import article_probe, article_token_classes, builtin_contexts, heldout_contexts
 
 __all__ = [
     "perplexity",
@@ -171,7 +171,7 @@ def prompt_study(model, tokenizer, prompts, max_length=30, num_return_sequences=
         >>> prompt_study(model, tokenizer, ["You are a", "You are an"], num_return_sequences=5)[0]["distinct_2"]
         0.91
     """
-    from train.generate import generate_texts
+    from .generate import generate_texts
 
     items = [p if isinstance(p, dict) else {"prompt": p, "themes": []} for p in prompts]
     if not items:
@@ -249,7 +249,7 @@ def evaluate_model(model, tokenizer, val_blocks=None, prompts=None, *, batch_siz
 
 
 def _finetune_eval(ctx, record, heldout_per_article, study):
-    from train.generate import DEFAULT_PROMPTS
+    from .generate import DEFAULT_PROMPTS
 
     c = ctx.config
     prompts = read_prompts(c.prompts or DEFAULT_PROMPTS) if study else None
@@ -274,7 +274,7 @@ def finetune_eval_before(ctx, heldout_per_article=50, study=True):
     (step > 0) keeps the eval_before.json it has, if any. `study=False` skips the prompt study (generation
     is the slow part on a CPU: about 30 s per prompt for 5 samples of SmolLM2-135M on 2 cores).
     """
-    from train.checkpoint import atomic_write_json
+    from .checkpoint import atomic_write_json
 
     path = Path(ctx.out) / "eval_before.json"
     if ctx.step == 0:
@@ -287,8 +287,8 @@ def finetune_eval_after(ctx, heldout_per_article=50, study=True):
     """`finetune` writer: writes eval_after.json, the perplexities of both files from finetune's evaluations
     (first and last), then report.md and report.html. The prompt study scores the samples `write_samples`
     generated (ctx.samples) when it ran first with the same prompts, instead of generating them again."""
-    from train.checkpoint import atomic_write_json
-    from train.report import write_report
+    from .checkpoint import atomic_write_json
+    from .report import write_report
 
     out = Path(ctx.out)
     evals = ctx.evals()
@@ -366,8 +366,8 @@ def format_table(results, diff=True):
 
 
 def _parser():
-    from train.cli_common import OneLineParser, non_negative_int, positive_int
-    from train.config import TrainConfig
+    from .cli_common import OneLineParser, non_negative_int, positive_int
+    from .config import TrainConfig
 
     d = TrainConfig()
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -402,9 +402,9 @@ def _parser():
 
 
 def _run(args):
-    from train.data import DEFAULT_CORPUS, make_blocks, read_corpus, split_blocks
-    from train.generate import resolve_device
-    from train.models import load_model
+    from .data import DEFAULT_CORPUS, make_blocks, read_corpus, split_blocks
+    from .generate import resolve_device
+    from .models import load_model
 
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
@@ -431,7 +431,7 @@ def main(argv=None):
     try:
         results = _run(args)
     except (ValueError, OSError) as e:
-        from train.cli_common import fail
+        from .cli_common import fail
 
         return fail(PROG, e)
     print(format_table(results))
@@ -441,7 +441,7 @@ def main(argv=None):
             for s in p["samples"][:3]:
                 print("  " + s.replace("\n", " "))
     if args.json:
-        from train.checkpoint import atomic_write_json
+        from .checkpoint import atomic_write_json
 
         atomic_write_json(args.json, results[0] if len(results) == 1 else {"baseline": results[0],
                                                                           "model": results[1]})

@@ -35,11 +35,11 @@ from typing import Callable
 
 import torch
 
-from train import config as cfg
-from train.checkpoint import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
-from train.cli_common import OneLineParser, fail, non_negative_float, non_negative_int, positive_float, positive_int
-from train.data import DEFAULT_CORPUS, BlockLoader, make_blocks, read_corpus, split_blocks
-from train.generate import DEFAULT_PROMPTS, format_samples, generate_texts, read_prompts, resolve_device
+from . import config as cfg
+from .checkpoint import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+from .cli_common import OneLineParser, fail, non_negative_float, non_negative_int, positive_float, positive_int
+from .data import DEFAULT_CORPUS, BlockLoader, make_blocks, read_corpus, split_blocks
+from .generate import DEFAULT_PROMPTS, format_samples, generate_texts, read_prompts, resolve_device
 
 __all__ = [
     "LossFn", "Hooks", "RunContext", "make_loss_fn", "accumulate_gradients", "optimizer_step", "evaluate",
@@ -62,7 +62,7 @@ def make_loss_fn(impl: str = "chunked") -> LossFn:
         return lambda model, blocks, num_items: model(
             input_ids=blocks, labels=blocks, num_items_in_batch=num_items, use_cache=False
         ).loss
-    from train.lm_loss import causal_lm_loss
+    from .lm_loss import causal_lm_loss
 
     return lambda model, blocks, num_items: causal_lm_loss(
         model, blocks, impl=impl, reduction="sum", num_items=num_items
@@ -171,7 +171,7 @@ class PerParamLR:
 
 
 def _eval_before(ctx):
-    from train.evaluate import finetune_eval_before
+    from .evaluate import finetune_eval_before
 
     finetune_eval_before(ctx, heldout_per_article=ctx.config.eval_contexts, study=ctx.config.eval_study)
 
@@ -232,7 +232,7 @@ def _check_dtype(dtype: str, device: torch.device):
 
 def _make_optimizer(model, config, device):
     if config.optimizer_in_backward:
-        from train.optim_backward import OptimizerInBackward
+        from .optim_backward import OptimizerInBackward
 
         def make(params):
             decay = config.weight_decay if params[0].dim() >= 2 else 0.0
@@ -275,7 +275,7 @@ def setup(config: cfg.TrainConfig, loss_fn: LossFn | None = None) -> RunContext:
 
     Nothing is written here, so a bad input leaves no output behind.
     """
-    from train.models import load_model
+    from .models import load_model
 
     cfg.validate(config)
     device = resolve_device(config.device)
@@ -288,8 +288,8 @@ def setup(config: cfg.TrainConfig, loss_fn: LossFn | None = None) -> RunContext:
     if resume is not None and not (resume / "train_state.pt").is_file():
         raise ValueError(f"--resume expects a run folder with train_state.pt and checkpoint/, got {resume}")
     if config.memory_budget and device.type == "cuda":
-        from train.estimate import parse_bytes
-        from train.memory import apply_memory_cap
+        from .estimate import parse_bytes
+        from .memory import apply_memory_cap
 
         apply_memory_cap(parse_bytes(config.memory_budget), device)
     if config.memory_snapshot and device.type == "cuda":
@@ -445,7 +445,7 @@ def write_loss_plot(ctx: RunContext):
 
 
 def write_checkpoint(ctx: RunContext):
-    from train.models import save_checkpoint
+    from .models import save_checkpoint
 
     save_checkpoint(ctx.model, ctx.tokenizer, ctx.out / "checkpoint")
 
@@ -505,13 +505,13 @@ def write_memory_report(ctx: RunContext):
 
 def write_eval_after(ctx: RunContext):
     """eval_after.json (and perplexity into eval_before.json), then report.md and report.html."""
-    from train.evaluate import finetune_eval_after
+    from .evaluate import finetune_eval_after
 
     finetune_eval_after(ctx, heldout_per_article=ctx.config.eval_contexts, study=ctx.config.eval_study)
 
 
 def write_reports(ctx: RunContext):
-    from train.report import write_report
+    from .report import write_report
 
     write_report(ctx.out)
 
@@ -551,7 +551,7 @@ def _device_kind(name: str) -> str:
 
 
 def _step_config(config: cfg.TrainConfig, device_kind: str):
-    from train.estimate import StepConfig
+    from .estimate import StepConfig
 
     return StepConfig(
         model=config.model, batch_size=config.batch_size, block_size=config.block_size + 1,
@@ -588,19 +588,19 @@ def plan_memory(config: cfg.TrainConfig) -> tuple[cfg.TrainConfig, str]:
         ValueError: bad input, the block over the model's positions, or `NothingFits` (with the smallest
         configuration's breakdown printed first).
     """
-    from train.presets import load_config
+    from .presets import load_config
 
     model_ref = str(Path(config.resume) / "checkpoint") if config.resume else config.model
     check_positions(config, load_config(model_ref))
     kind = _device_kind(config.device)
     if config.memory_budget is None:
-        from train.estimate import estimate_step
+        from .estimate import estimate_step
 
         step = replace(_step_config(config, kind), model=model_ref)
         with _no_padding_warning_check():
             return config, estimate_step(step).table()
-    from train.budget import NothingFits, choose_for_train_config, train_config_changes
-    from train.estimate import parse_bytes
+    from .budget import NothingFits, choose_for_train_config, train_config_changes
+    from .estimate import parse_bytes
 
     budget = parse_bytes(config.memory_budget)
     try:
@@ -630,13 +630,13 @@ def _handle_oom(ctx: RunContext, message: str):
         writer(ctx)
     budget = None
     if ctx.config.memory_budget:
-        from train.estimate import parse_bytes
+        from .estimate import parse_bytes
 
         budget = parse_bytes(ctx.config.memory_budget)
     elif ctx.device.type == "cuda":
         budget = torch.cuda.get_device_properties(ctx.device).total_memory
     if budget is not None:
-        from train.budget import choose_for_train_config
+        from .budget import choose_for_train_config
 
         try:
             with _no_padding_warning_check():
@@ -686,7 +686,7 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
         return summary(ctx)
     ctx.out.mkdir(parents=True, exist_ok=True)
     write_run_json(ctx)
-    from train.memory import MemoryProfiler
+    from .memory import MemoryProfiler
 
     ctx.profiler = MemoryProfiler(ctx.model, ctx.optimizer, device=ctx.device, out_dir=str(ctx.out),
                                   snapshot=config.memory_snapshot)

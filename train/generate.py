@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from train.cli_common import OneLineParser, fail, non_negative_int, positive_float, positive_int
+from .cli_common import OneLineParser, fail, non_negative_int, positive_float, positive_int
 
 __all__ = ["DEFAULT_PROMPTS", "read_prompts", "read_prompt_entries", "generate_texts", "main"]
 
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         if args.prompts_file or not prompts:
             prompts += read_prompts(args.prompts_file or DEFAULT_PROMPTS)
         device = resolve_device(args.device)
-        from train.models import load_model
+        from .models import load_model
 
         model, tokenizer = load_model(args.model, device=device)
         results = generate_texts(

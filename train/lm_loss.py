@@ -7,13 +7,14 @@ output embedding's weight and bias, to `kernels.linear_cross_entropy`.
 """
 
 import torch
-import torch.nn.functional as F
 
-from kernels.lce import linear_cross_entropy
+from ..kernels.lce import IMPLS as LCE_IMPLS
+from ..kernels.lce import linear_cross_entropy
+from ..kernels.lce_naive import naive_linear_cross_entropy
 
-__all__ = ["causal_lm_loss", "lm_head_params"]
+__all__ = ["causal_lm_loss", "lm_head_params", "IMPLS"]
 
-IMPLS = ("naive", "chunked", "triton", "auto")
+IMPLS = ("naive", *LCE_IMPLS)  # the loss implementations, one list for the whole package
 
 
 def lm_head_params(model) -> dict:
@@ -41,22 +42,6 @@ def _base_model(model):
     return base
 
 
-def _naive_loss(hidden, weight, bias, target, softcap, ignore_index=-100, reduction="mean", num_items=None,
-                label_smoothing=0.0, **_unused):
-    logits = F.linear(hidden, weight, bias)
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    red = "sum" if num_items is not None else reduction
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index, reduction=red,
-        label_smoothing=label_smoothing,
-    )
-    if num_items is not None:
-        loss = loss / num_items
-    return (loss.reshape(target.shape) if red == "none" else loss).to(hidden.dtype)
-
-
 def causal_lm_loss(
     model,
     input_ids: torch.Tensor,  # (B, T)
@@ -78,10 +63,10 @@ def causal_lm_loss(
         labels: targets, (B, T); -100 marks ignored positions. Default: input_ids, with positions where
             attention_mask == 0 set to -100.
         attention_mask: passed to the base model.
-        impl: "naive" (full logits and F.cross_entropy, the HF recipe), or a `linear_cross_entropy` impl:
-            "chunked", "triton", "auto".
-        **loss_kwargs: passed to `linear_cross_entropy` (reduction, num_items, chunk_size, label_smoothing,
-            ignore_index).
+        impl: "naive" (the full logits, `naive_linear_cross_entropy`: the HF recipe), or a
+            `linear_cross_entropy` impl: "chunked", "triton", "auto".
+        **loss_kwargs: passed to the loss (reduction, num_items, chunk_size, label_smoothing, ignore_index,
+            all_targets_valid).
 
     Returns:
         The loss, a 0-dim tensor (or (B, T-1) for reduction="none").
@@ -110,6 +95,5 @@ def causal_lm_loss(
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     target = labels[:, 1:].to(hidden.device)
-    if impl == "naive":
-        return _naive_loss(hidden, weight, bias, target, head["softcap"], **loss_kwargs)
-    return linear_cross_entropy(hidden, weight, target, bias=bias, softcap=head["softcap"], impl=impl, **loss_kwargs)
+    loss = naive_linear_cross_entropy if impl == "naive" else linear_cross_entropy
+    return loss(hidden, weight, target, bias=bias, softcap=head["softcap"], impl=impl, **loss_kwargs)

@@ -380,7 +380,7 @@ class MemoryProfiler:
                 "rss_peak_bytes": _rss_peak_bytes(), "oom": getattr(self, "oom", None)}
 
     def table(self):
-        from train.estimate import format_bytes
+        from .estimate import format_bytes
 
         p = self.peak
         lines = [f"memory on {self.device}: peak {format_bytes(p['bytes'])} at step {p['step']}, phase {p['phase']}"]
@@ -449,7 +449,7 @@ def apply_memory_cap(budget_bytes, device, context_bytes=None):
     `train.estimate.CUDA_CONTEXT_BYTES`), via `torch.cuda.set_per_process_memory_fraction`. Returns the fraction
     set, or None when the card is not larger than the budget (nothing to cap) or the device is not CUDA.
     """
-    from train.estimate import CUDA_CONTEXT_BYTES
+    from .estimate import CUDA_CONTEXT_BYTES
 
     device = torch.device(device)
     if device.type != "cuda":

@@ -16,7 +16,7 @@ import html
 import json
 from pathlib import Path
 
-from train.checkpoint import atomic_path, atomic_write_text
+from .checkpoint import atomic_path, atomic_write_text
 
 __all__ = ["write_report", "write_comparison_report", "read_run"]
 
@@ -118,7 +118,7 @@ def _loss_blocks(run):
 
 
 def _bytes(n):
-    from train.estimate import format_bytes
+    from .estimate import format_bytes
 
     return format_bytes(n) if isinstance(n, (int, float)) else _fmt(n)
 
@@ -401,7 +401,7 @@ def write_comparison_report(out_dir, runs):
 
 def main(argv=None):
     """`python -m train.report RUN_DIR` or `python -m train.report --compare OUT LABEL=RUN_DIR ...`."""
-    from train.cli_common import OneLineParser, fail
+    from .cli_common import OneLineParser, fail
 
     p = OneLineParser(prog="python -m train.report", description="Write report.md and report.html for runs.")
     p.add_argument("runs", nargs="+", help="a run folder, or with --compare, LABEL=RUN_DIR pairs")

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from train.meta_trace import AutocastEmulation, SdpaStandIn, run_backward, unpacked_sequences
+from .meta_trace import AutocastEmulation, SdpaStandIn, run_backward, unpacked_sequences
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KINDS = {"Parameter": "parameters", "Buffer": "parameters", "Gradient": "gradients", "Optstate": "optimizer_state",
@@ -60,24 +60,10 @@ def make_optimizer(params, name, device_kind, lr=1e-4, weight_decay=0.0, traced=
     raise ValueError(f"optimizer: expected adamw, adam or sgd, given {name!r}")
 
 
-@contextlib.contextmanager
-def all_targets_valid():
-    """The chunked loss drops ignored rows after a data-dependent count; fine-tuning blocks have none."""
-    from kernels import lce, lce_chunked
-
-    saved = lce._check_targets, lce_chunked._valid_rows
-    lce._check_targets = lambda target, vocab, ignore_index: None
-    lce_chunked._valid_rows = lambda target, ignore_index: (None, target.numel())
-    try:
-        yield
-    finally:
-        lce._check_targets, lce_chunked._valid_rows = saved
-
-
 def loss_fn(model, input_ids, impl):
-    from train.lm_loss import causal_lm_loss
+    from .lm_loss import causal_lm_loss
 
-    return causal_lm_loss(model, input_ids, impl=impl)
+    return causal_lm_loss(model, input_ids, impl=impl, all_targets_valid=True)
 
 
 def _warm_optimizer(model, opt, step_fn):
@@ -102,8 +88,8 @@ def _top_modules(mt, top):
 
 def trace_step(cfg, top=5):
     """Peak breakdown {category: bytes}, top modules and parameter count of one traced step of `cfg`."""
-    from train.optim_backward import OptimizerInBackward
-    from train.presets import load_config
+    from .optim_backward import OptimizerInBackward
+    from .presets import load_config
 
     model = build_meta_model(load_config(cfg.model), cfg.dtype, cfg.attn_implementation, cfg.grad_checkpointing)
     ids = torch.zeros(cfg.batch_size, cfg.block_size, dtype=torch.long, device="meta")
@@ -118,7 +104,7 @@ def trace_step(cfg, top=5):
     mt = _PeakTracker()
     mt.track_external(model, *states, ids)
     autocast = AutocastEmulation(_DTYPES[cfg.autocast], cfg.device_kind) if cfg.autocast else contextlib.nullcontext()
-    with warnings.catch_warnings(), unpacked_sequences(), all_targets_valid(), SdpaStandIn(cfg.device_kind), \
+    with warnings.catch_warnings(), unpacked_sequences(), SdpaStandIn(cfg.device_kind), \
             autocast, mt:
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
         loss = loss_fn(model, ids, cfg.loss_impl)
