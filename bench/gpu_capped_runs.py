@@ -24,15 +24,17 @@ import time
 
 import torch
 
+from leanfit.train.architectures import architecture_config
+from leanfit.train.atomic import atomic_write_json
 from leanfit.train.budget import choose_config
-from leanfit.train.estimate import GiB, StepConfig, estimate_step, parse_bytes
+from leanfit.train.dtypes import torch_dtype
+from leanfit.train.estimate import StepConfig, estimate_step
 from leanfit.train.lm_loss import causal_lm_loss
 from leanfit.train.memory import apply_memory_cap
-from leanfit.train.optim_backward import OptimizerInBackward
-from leanfit.train.presets import preset_config
-from leanfit.train.step_trace import make_optimizer
+from leanfit.train.optim import make_optimizer
+from leanfit.train.units import GiB, parse_bytes
 
-AMP = {"loss_impl": "chunked", "autocast": "bfloat16"}
+AMP = {"loss_impl": "chunked", "autocast": "bf16"}
 ACCURACY_CASES = [
     ("gpt2", 2, 1024, {}),
     ("gpt2", 4, 1024, AMP),
@@ -58,17 +60,14 @@ def run_case(cfg, steps, accum=1, cap_bytes=None):
     fraction = apply_memory_cap(cap_bytes, "cuda") if cap_bytes else None
     from transformers import AutoModelForCausalLM
 
-    config = preset_config(cfg.model)
+    config = architecture_config(cfg.model)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
-    model = model.to("cuda", dtype=getattr(torch, cfg.dtype)).train()
+    model = model.to("cuda", dtype=torch_dtype(cfg.dtype)).train()
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.optimizer_in_backward:
-        opt = OptimizerInBackward(model, lambda ps: make_optimizer(ps, cfg.optimizer, "cuda"))
-    else:
-        opt = make_optimizer(model.parameters(), cfg.optimizer, "cuda")
+    opt = make_optimizer(model, cfg.optimizer, "cuda", in_backward=cfg.optimizer_in_backward)
     ids = torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.block_size), device="cuda")
-    amp = getattr(torch, cfg.autocast) if cfg.autocast else None
+    amp = torch_dtype(cfg.autocast) if cfg.autocast else None
 
     def step():
         for _ in range(accum):
@@ -135,16 +134,14 @@ def main(argv=None):
                run_case(cfg, args.steps, choice.grad_accum_steps, cap_bytes=budget), results, args.tolerance,
                choice.grad_accum_steps, budget)
         base = StepConfig(model=model, batch_size=tokens // 1024, block_size=1024, loss_impl="naive",
-                          autocast="bfloat16")
+                          autocast="bf16")
         record(f"uncapped-bf16 {model} {tokens} tokens/step", base, estimate_step(base),
                run_case(base, args.steps), results, args.tolerance)
         capped, uncapped = results[-2]["tokens_per_s"], results[-1]["tokens_per_s"]
         print(f"{model}: capped {capped:,.0f} tok/s vs uncapped bf16 {uncapped:,.0f} tok/s "
               f"= {capped / uncapped:.2f}x (target >= 0.7x); capped measured peak "
               f"{results[-2]['measured_allocated_peak'] / GiB:.2f} GiB", flush=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(out + ".tmp", out)
+    atomic_write_json(out, results)
     bad = [r["case"] for r in results if not r["within_tolerance"]]
     print(f"wrote {out}; {len(results) - len(bad)}/{len(results)} estimates within {args.tolerance:.0%}")
     if bad:

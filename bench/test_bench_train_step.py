@@ -2,15 +2,16 @@
 """One fine-tuning step (forward, loss, backward, AdamW), chunked loss vs the HF default loss.
 
 Providers: `hf`, `model(blocks, labels=blocks).loss` (full (B, T, V) logits); `chunked`,
-`train.lm_loss.causal_lm_loss(..., impl="chunked")`; `triton` on GPU. Both go through
-`train.finetune.accumulate_gradients` and `optimizer_step`, the code the `finetune` job runs.
+`leanfit.train.lm_loss.causal_lm_loss(..., impl="chunked")`; `triton` on GPU. All go through
+`leanfit.train.step.accumulate_gradients` and `optimizer_step` with `leanfit.train.optim.make_optimizer`, the
+code the `finetune` job runs.
 
 Time is pytest-benchmark's; peak memory is measured once per case outside the timed rounds, after a warm-up
 step (so the optimizer state exists), as `peak_mib`: on the CPU the tracked tensor peak of
 torch.distributed._tools.mem_tracker.MemTracker, on GPU torch.cuda.max_memory_allocated.
 
 The smoke run (`--benchmark-disable`) uses a small random Llama; LEANFIT_BENCH_FULL=1 adds the SmolLM2-135M
-shape (random weights; the config of train.presets).
+shape (random weights; the config of leanfit.train.architectures).
 """
 
 import os
@@ -18,7 +19,9 @@ import os
 import pytest
 import torch
 
-from leanfit.train.finetune import accumulate_gradients, make_loss_fn, optimizer_step
+from leanfit.train.architectures import architecture_config
+from leanfit.train.optim import make_optimizer
+from leanfit.train.step import accumulate_gradients, make_loss_fn, optimizer_step
 
 FULL = os.environ.get("LEANFIT_BENCH_FULL") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,9 +38,7 @@ def build(name):
         config = LlamaConfig(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     else:
-        from leanfit.train.presets import preset_config
-
-        config = preset_config(name)
+        config = architecture_config(name)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(DEVICE)
     model.train()
@@ -66,13 +67,12 @@ def peak_mib(step, model, optimizer):
 def test_train_step(benchmark, case, provider):
     name, batch, block = CASES[case]
     model = build(name)
-    blocks = torch.randint(0, model.config.vocab_size, (batch, block + 1), device=DEVICE)
+    blocks = torch.randint(0, model.config.vocab_size, (batch, block), device=DEVICE)
     loss_fn = make_loss_fn(provider)
     with torch.no_grad():
         ref = make_loss_fn("hf")(model, blocks, blocks[:, 1:].numel())
         assert torch.allclose(loss_fn(model, blocks, blocks[:, 1:].numel()).float(), ref.float(), rtol=1e-4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if DEVICE.type == "cuda"
-                                                                  else {"foreach": True}))
+    optimizer = make_optimizer(model, "adamw", DEVICE.type, lr=1e-5)
     params = list(model.parameters())
 
     def step():

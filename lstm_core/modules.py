@@ -109,7 +109,7 @@ def _reverse_rows(x, lengths):
 def _layer_fn(backend):
     if backend == "reference":
         return lstm_layer
-    from ..kernels.lstm import fused_lstm
+    from ..kernels.lstm import fused_lstm  # deferred: Triton is needed only for this backend, and slow to import
 
     return fused_lstm
 

@@ -2,7 +2,7 @@
 # The learning-rate pitfall, shown: the same short fine-tune of the embedded SmolLM2-135M on the embedded
 # corpus at lr 5e-5 and at lr 1e-2, then one report with perplexity, the a/an probe and samples of both.
 #
-#   scripts/lr_pitfall.sh            # CPU-sized: 2 seqs x 64 tokens = 128 tokens/step, 12 steps per run
+#   scripts/lr_pitfall.sh            # CPU-sized: 2 seqs x 65 tokens = 128 next-token targets/step, 12 steps per run
 #   ITERS=100 BLOCK=256 BATCH=8 scripts/lr_pitfall.sh   # longer, e.g. on a GPU
 #
 # Outputs: $OUT/lr-5e-5/ and $OUT/lr-1e-2/ (each a finetune run folder with report.md/.html) and
@@ -13,13 +13,13 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python
 OUT=${OUT:-runs/lr-pitfall}
 ITERS=${ITERS:-12}
-BLOCK=${BLOCK:-64}
+BLOCK=${BLOCK:-65}
 BATCH=${BATCH:-2}
 EVAL_BLOCKS=${EVAL_BLOCKS:-8}
 SAMPLES=${SAMPLES:-3}
 export TOKENIZERS_PARALLELISM=false
 
-echo "lr pitfall: $BATCH seqs x $BLOCK tokens = $((BATCH * BLOCK)) tokens/step, $ITERS steps per run"
+echo "lr pitfall: $BATCH seqs x $BLOCK tokens = $((BATCH * (BLOCK - 1))) targets/step, $ITERS steps per run"
 EVAL=(--block-size "$BLOCK" --eval-blocks "$EVAL_BLOCKS" --heldout-contexts 20 --prompts train/data/prompt_study.txt
       --num-return-sequences "$SAMPLES" --seed 0)
 for lr in 5e-5 1e-2; do

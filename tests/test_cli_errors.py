@@ -4,6 +4,10 @@ import sys
 
 import pytest
 
+from leanfit.train.cli_estimate import build_parser as estimate_parser
+from leanfit.train.cli_estimate import main as estimate_main
+from leanfit.train.cli_finetune import parse_args as finetune_parse
+from leanfit.train.evaluate import _parser as evaluate_parser
 from leanfit.train.finetune import main as finetune_main
 from leanfit.train.generate import main as generate_main
 from tests.tiny_lm import tiny_model_dir
@@ -86,4 +90,45 @@ def test_console_script_end_to_end(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "offline choices" in one_line_error(proc.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_leanfit_help_lists_every_subcommand():
+    proc = subprocess.run([sys.executable, "-m", "leanfit", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("finetune", "generate", "estimate", "evaluate", "info"):
+        assert f"\n  {name} " in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("spelling, canonical", [("fp32", "fp32"), ("float32", "fp32"), ("bf16", "bf16"),
+                                                 ("bfloat16", "bf16"), ("FP16", "fp16"), ("float16", "fp16")])
+def test_every_subcommand_takes_the_same_dtype_spellings(spelling, canonical):
+    assert finetune_parse(["--dtype", spelling])[0].dtype == canonical
+    assert estimate_parser().parse_args(["--dtype", spelling]).dtype == canonical
+    assert evaluate_parser().parse_args(["--dtype", spelling]).dtype == canonical
+
+
+@pytest.mark.parametrize("parse", ["finetune", "estimate", "evaluate"])
+def test_a_dtype_outside_the_vocabulary_is_one_line_naming_both_spellings(capsys, parse):
+    parsers = {"finetune": lambda a: finetune_parse(a), "estimate": lambda a: estimate_parser().parse_args(a),
+               "evaluate": lambda a: evaluate_parser().parse_args(a)}
+    with pytest.raises(SystemExit) as exit_:
+        parsers[parse](["--dtype", "fp64"])
+    line = one_line_error(capsys.readouterr().err)
+    assert exit_.value.code == 2 and "'fp64'" in line and "bf16 (bfloat16)" in line
+
+
+def test_block_size_is_the_tokens_the_model_sees_in_every_subcommand(tmp_path, capsys):
+    """A model with 256 positions takes --block-size 256 everywhere (as GPT-2 takes 1024) and refuses 257."""
+    model = str(tiny_model_dir("gpt2"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text " * 400)
+    common = ["--model", model, "--corpus", str(corpus), "--device", "cpu", "--out", str(tmp_path / "out"),
+              "--dry-run", "--batch-size", "1"]
+    assert finetune_main([*common, "--block-size", "256"]) == 0
+    assert "micro-batch 1 x 256 tokens" in capsys.readouterr().out
+    assert estimate_main(["--model", model, "--block-size", "256", "--batch-size", "1", "--device", "cpu"]) == 0
+    assert "micro-batch 1 x 256 tokens" in capsys.readouterr().out
+    assert finetune_main([*common, "--block-size", "257"]) == 2
+    assert "--block-size 256 or less" in one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()

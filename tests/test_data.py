@@ -72,14 +72,14 @@ def test_read_corpus_folder_without_txt(tmp_path):
         read_corpus(tmp_path)
 
 
-@pytest.mark.parametrize("block_size", [1, 7, 32], ids=lambda b: f"T{b}")
+@pytest.mark.parametrize("block_size", [2, 7, 32], ids=lambda b: f"T{b}")
 def test_make_blocks_packs_exactly(block_size):
     tokenizer = tiny_tokenizer()
     ids = tokenizer(TRAIN_TEXT, add_special_tokens=False)["input_ids"]
     blocks = make_blocks(TRAIN_TEXT, tokenizer, block_size)
-    n = len(ids) // (block_size + 1)
-    assert blocks.shape == (n, block_size + 1) and blocks.dtype == torch.long
-    assert blocks.flatten().tolist() == ids[: n * (block_size + 1)]
+    n = len(ids) // block_size
+    assert blocks.shape == (n, block_size) and blocks.dtype == torch.long
+    assert blocks.flatten().tolist() == ids[: n * block_size]
 
 
 def test_make_blocks_too_short():

@@ -8,14 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from leanfit.train.config import TrainConfig
-from leanfit.train.finetune import (
-    OUTPUT_WRITERS,
-    Hooks,
-    accumulate_gradients,
-    lr_factor,
-    make_loss_fn,
-    run,
-)
+from leanfit.train.context import Hooks
+from leanfit.train.finetune import main, run
+from leanfit.train.models import load_model
+from leanfit.train.outputs import WRITERS
+from leanfit.train.step import accumulate_gradients, lr_factor, make_loss_fn
 from tests.helpers import assert_close
 from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
 
@@ -125,10 +122,8 @@ def test_loss_falls_on_a_repeated_text_and_every_output_is_written(tmp_path, cor
 def test_reloaded_checkpoint_gives_the_same_logits(tmp_path, corpus, prompts):
     from transformers import AutoModelForCausalLM
 
-    from leanfit.train.models import load_model
-
     held = {}
-    hooks = Hooks(writers=OUTPUT_WRITERS + [lambda ctx: held.update(model=ctx.model)])
+    hooks = Hooks(writers={"complete": [*WRITERS["complete"], lambda ctx: held.update(model=ctx.model)]})
     run(tiny_config(tmp_path, corpus, prompts, kind="llama", iters=3, lr=5e-4), hooks=hooks)
     ids = torch.randint(0, 300, (2, 10))
     held["model"].eval()
@@ -143,8 +138,6 @@ def test_reloaded_checkpoint_gives_the_same_logits(tmp_path, corpus, prompts):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_resume_after_sigint_equals_an_uninterrupted_run(tmp_path, corpus, prompts, dtype):
-    from leanfit.train.finetune import main
-
     common = dict(dropout=0.1, iters=8, eval_every=3, lr=1e-3 if dtype == "fp32" else 5e-4, dtype=dtype)
     whole = tiny_config(tmp_path, corpus, prompts, out=str(tmp_path / "whole"), **common)
     cut = tiny_config(tmp_path, corpus, prompts, out=str(tmp_path / "cut"), **common)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from leanfit.train.config import TrainConfig
-from leanfit.train.finetune import Hooks, main, run
+from leanfit.train.context import Hooks
+from leanfit.train.finetune import OutOfMemory, main, run
+from leanfit.train.step import make_loss_fn
 from tests.helpers import assert_close
 from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
 
@@ -92,7 +94,7 @@ def test_dry_run_with_a_budget_prints_a_choice_and_loads_and_writes_nothing(tmp_
     monkeypatch.setattr(models, "load_model", no_weights)
     assert main(argv(tmp_path, corpus, "--batch-size", "4", "--memory-budget", "1GiB", "--dry-run")) == 0
     out = capsys.readouterr().out
-    assert "chosen: micro-batch 4 x 17 tokens, 1 accumulation step(s)" in out
+    assert "chosen: micro-batch 4 x 16 tokens, 1 accumulation step(s)" in out
     assert "fits in the budget of 1.00 GiB" in out and "dry run: nothing loaded or written" in out
     assert not (tmp_path / "out").exists()
 
@@ -106,7 +108,7 @@ def test_dry_run_with_a_budget_prints_a_choice_and_loads_and_writes_nothing(tmp_
 @pytest.mark.parametrize("extra, message", [
     (["--optimizer-in-backward", "--grad-accum", "2", "--clip", "0"], "gradient accumulation"),
     (["--optimizer-in-backward", "--clip", "1.0"], "clipping"),
-    (["--block-size", "256"], "positions"),
+    (["--block-size", "257"], "positions"),
 ])
 def test_bad_combinations_exit_2_with_one_line(tmp_path, corpus, capsys, extra, message):
     assert main(argv(tmp_path, corpus, *extra)) == 2
@@ -122,7 +124,7 @@ def test_optimizer_in_backward_matches_the_normal_step(tmp_path, corpus, prompts
             held[name] = dict(ctx.model.named_parameters())
             held[name + " optimizer"] = type(ctx.optimizer).__name__
 
-        return Hooks(on_setup=[], writers=[writer])
+        return Hooks(on_setup=[], writers={"complete": [writer]})
 
     common = dict(clip=0.0, iters=4, lr=5e-4, dtype="fp32")
     run(tiny(tmp_path, corpus, prompts, out=str(tmp_path / "a"), **common), hooks=keep("normal"))
@@ -140,8 +142,6 @@ def test_optimizer_in_backward_matches_the_normal_step(tmp_path, corpus, prompts
 
 
 def test_out_of_memory_saves_the_last_step_and_the_memory_report(tmp_path, corpus, prompts):
-    from leanfit.train.finetune import OutOfMemory, make_loss_fn
-
     loss, calls = make_loss_fn("chunked"), []
 
     def fails_in_step_3(model, blocks, num_items):

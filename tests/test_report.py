@@ -126,8 +126,10 @@ def test_report_cli(tmp_path, capsys):
 
 def test_finetune_hooks_write_evals_and_report(tmp_path):
     from leanfit.train.config import TrainConfig
-    from leanfit.train.evaluate import finetune_eval_after, finetune_eval_before
-    from leanfit.train.finetune import OUTPUT_WRITERS, Hooks, run
+    from leanfit.train.context import Hooks
+    from leanfit.train.evaluate import finetune_eval_before
+    from leanfit.train.finetune import run
+    from leanfit.train.outputs import WRITERS, write_eval_after
     from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
 
     corpus, prompts = tmp_path / "corpus.txt", tmp_path / "prompts.txt"
@@ -137,7 +139,8 @@ def test_finetune_hooks_write_evals_and_report(tmp_path):
     config = TrainConfig(model=str(tiny_model_dir("gpt2")), corpus=str(corpus), block_size=16, batch_size=2,
                          iters=2, warmup=1, eval_every=2, val_fraction=0.2, out=str(out), prompts=str(prompts),
                          max_length=12, num_return_sequences=2, device="cpu", loss="naive")
-    run(config, hooks=Hooks(on_setup=[finetune_eval_before], writers=OUTPUT_WRITERS + [finetune_eval_after]))
+    run(config, hooks=Hooks(on_setup=[finetune_eval_before], writers={"complete": WRITERS["complete"]}))
+    assert write_eval_after in WRITERS["complete"]
     before, after = (json.loads((out / f"eval_{n}.json").read_text()) for n in ("before", "after"))
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in evals if m["kind"] == "eval"]

@@ -1,5 +1,5 @@
 # B micro-batch (sequences), T block (tokens), A gradient accumulation steps
-"""Choose training settings that fit a memory budget, by the estimate (train/estimate.py).
+"""Choose training settings that fit a memory budget, by the estimate (train/estimate.py); no CLI here.
 
 Settings are tried from the least to the most costly in speed (`LEVELS`). On CUDA the chunked loss and bf16
 autocast come first (both save memory and neither slows a GPU step: autocast speeds it up), then gradient
@@ -15,10 +15,11 @@ is used to guess; the guess is then traced, and so is the next larger divisor to
 
 from dataclasses import asdict, dataclass, replace
 
-from .estimate import Estimate, StepConfig, estimate_step, format_bytes
+from .estimate import Estimate, StepConfig, estimate_step
+from .units import format_bytes
 
 _CHUNKED = {"loss_impl": "chunked"}
-_AMP = {"loss_impl": "chunked", "autocast": "bfloat16"}
+_AMP = {"loss_impl": "chunked", "autocast": "bf16"}
 _CKPT = {"grad_checkpointing": True}
 _OIB = {"grad_checkpointing": True, "optimizer_in_backward": True}
 LEVELS = {
@@ -127,7 +128,7 @@ def _largest_fitting(base, batch, budget, est, min_b=1):
 
 
 def choose_config(model, target_tokens_per_step, block_size, budget_bytes, device_kind="cuda", *,
-                  optimizer="adamw", dtype="float32", allow_optimizer_in_backward=True, min_micro_tokens=4096,
+                  optimizer="adamw", dtype="fp32", allow_optimizer_in_backward=True, min_micro_tokens=4096,
                   estimate_kwargs=None, levels=None):
     """Picks the settings and micro-batch that fit `budget_bytes`, keeping the tokens per optimizer step.
 
@@ -135,7 +136,7 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
         model: preset, local dir, cached hub id or config.
         target_tokens_per_step: tokens per optimizer step; a multiple of block_size.
         block_size: tokens per sequence.
-        budget_bytes: memory the step may use on the device (see `train.estimate.parse_bytes`).
+        budget_bytes: memory the step may use on the device (see `units.parse_bytes`).
         device_kind: "cuda" or "cpu" (no autocast on the CPU).
         allow_optimizer_in_backward: whether the last resort may step in the backward (it forbids clipping).
         min_micro_tokens: tokens per micro-batch considered efficient enough to stop trying further savings.
@@ -201,13 +202,12 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
 
 
 def choose_for_train_config(config, budget_bytes, device_kind="cuda", **kwargs):
-    """`choose_config` for a `train.config.TrainConfig`: keeps its batch_size * grad_accum sequences per step.
+    """`choose_config` for a `TrainConfig`: keeps its batch_size * grad_accum sequences of block_size tokens per step.
 
-    Fine-tuning feeds blocks of block_size + 1 tokens (T inputs and T targets), so that is what is traced.
     The optimizer step in the backward is allowed only when clipping is off (`config.clip == 0`). `kwargs` go
     to `choose_config` (min_micro_tokens, estimate_kwargs, levels).
     """
-    tokens = config.block_size + 1
+    tokens = config.block_size
     return choose_config(config.model, config.batch_size * config.grad_accum * tokens, tokens, budget_bytes,
                          device_kind, optimizer=config.optimizer,
                          allow_optimizer_in_backward=not config.clip, **kwargs)
@@ -221,5 +221,5 @@ def train_config_changes(choice):
     if c.loss_impl == "chunked":
         changes["loss"] = "chunked"
     if c.autocast:
-        changes["dtype"] = {"bfloat16": "bf16", "float16": "fp16"}[c.autocast]
+        changes["dtype"] = c.autocast
     return changes

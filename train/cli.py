@@ -1,7 +1,7 @@
 """`leanfit`: one console script, one subcommand per job.
 
 Each subcommand lives in its own module with a `main(argv) -> int`; this file only
-dispatches, so `leanfit finetune ...` and `python -m train.finetune ...` are the same.
+dispatches, so `leanfit finetune ...` and `python -m leanfit.train.finetune ...` are the same.
 """
 
 import importlib
@@ -10,7 +10,7 @@ import sys
 COMMANDS = {
     "finetune": ("leanfit.train.finetune", "fine-tune a causal LM on a text corpus"),
     "generate": ("leanfit.train.generate", "generate continuations of prompts"),
-    "estimate": ("leanfit.train.estimate", "predict a training step's peak memory before launch"),
+    "estimate": ("leanfit.train.cli_estimate", "predict a training step's peak memory before launch"),
     "evaluate": ("leanfit.train.evaluate", "perplexity, the a/an probe and prompt studies"),
     "info": ("leanfit.train.info", "versions, devices and which backends can run here"),
 }

@@ -8,7 +8,10 @@ model, ...).
 import argparse
 import sys
 
-__all__ = ["OneLineParser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fail"]
+from .dtypes import dtype_name
+
+__all__ = ["OneLineParser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fail",
+           "flag_type", "dtype_flag"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -40,3 +43,19 @@ positive_int = _number(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _number(float, lambda v: v > 0, "a positive number")
 non_negative_float = _number(float, lambda v: v >= 0, "a non-negative number")
+
+
+def flag_type(parse, name: str):
+    """An argparse type from a function that raises ValueError with its own message (kept on the one line)."""
+
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+dtype_flag = flag_type(dtype_name, "dtype")

@@ -1,8 +1,15 @@
-"""One flat training configuration with visible defaults, and presets that list only their differences."""
+# B batch (sequences per micro-batch), T block size (tokens per sequence), A grad-accum steps
+"""One flat training configuration with visible defaults, and run presets that list only their differences."""
 
 from dataclasses import asdict, dataclass, fields, replace
 
-__all__ = ["TrainConfig", "PRESETS", "validate", "from_dict"]
+from .dtypes import DTYPES, dtype_name
+from .lm_loss import IMPLS
+from .optim import OPTIMIZERS
+from .optim_backward import check_optimizer_in_backward
+from .units import parse_bytes
+
+__all__ = ["TrainConfig", "PRESETS", "CHOICES", "validate", "from_dict", "to_dict"]
 
 
 @dataclass
@@ -10,7 +17,7 @@ class TrainConfig:
     model: str = "smollm2-135m"
     corpus: str | None = None  # None: the embedded corpus (train/data/dracula.txt)
     encoding: str = "utf-8"
-    block_size: int = 128
+    block_size: int = 128  # tokens per sequence, as the model sees them (T - 1 next-token targets)
     batch_size: int = 4
     grad_accum: int = 1
     iters: int = 200
@@ -44,10 +51,10 @@ class TrainConfig:
 
 
 PRESETS = {
-    # 2 seqs x 128 tokens = 256 tokens/step x 16 steps = 4,096 tokens (~2% of one epoch); val: 8 blocks
+    # 2 seqs x 129 tokens = 256 targets/step x 16 steps = 4,096 targets (~2% of one epoch); val: 8 blocks
     # the a/an probe on 20 held-out contexts per article; no prompt study before training (generation is slow)
     "cpu-demo": dict(
-        block_size=128, batch_size=2, iters=16, warmup=2, lr=1e-4, eval_every=8, eval_blocks=8,
+        block_size=129, batch_size=2, iters=16, warmup=2, lr=1e-4, eval_every=8, eval_blocks=8,
         eval_contexts=20, eval_study=False,
     ),
     # 8 seqs x 256 tokens = 2,048 tokens/step x 200 steps = 409,600 tokens (~2 epochs of 210k train tokens)
@@ -58,23 +65,30 @@ PRESETS = {
 
 CHOICES = {
     "schedule": ("cosine", "constant"),
-    "optimizer": ("adamw", "adam"),
-    "dtype": ("fp32", "bf16", "fp16"),
-    "loss": ("naive", "chunked", "triton", "auto", "hf"),
+    "optimizer": OPTIMIZERS,
+    "dtype": tuple(DTYPES),
+    "loss": (*IMPLS, "hf"),
 }
-POSITIVE_INT = ("block_size", "batch_size", "grad_accum", "iters", "eval_every", "max_length", "num_return_sequences")
+POSITIVE_INT = ("batch_size", "grad_accum", "iters", "eval_every", "max_length", "num_return_sequences")
 NON_NEGATIVE_INT = ("warmup", "eval_blocks", "seed", "eval_contexts")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate(config: TrainConfig) -> TrainConfig:
-    """Raises ValueError naming the field, what was expected and what was given."""
+    """The config with its dtype spelled canonically; raises ValueError naming the field, what was expected and
+    what was given."""
+    if not _is_int(config.block_size) or config.block_size < 2:
+        raise ValueError(f"block_size must be an integer >= 2 (tokens per sequence), got {config.block_size!r}")
     for name in POSITIVE_INT:
         value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     for name in NON_NEGATIVE_INT:
         value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not _is_int(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     if not config.lr > 0:
         raise ValueError(f"lr must be positive, got {config.lr!r}")
@@ -88,17 +102,16 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"beta1 and beta2 must be in [0, 1), got {config.beta1!r}, {config.beta2!r}")
     if not 0 <= config.val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction!r}")
+    try:
+        config = replace(config, dtype=dtype_name(config.dtype))
+    except ValueError as e:
+        raise ValueError(f"dtype: {e}") from None
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
-    if config.memory_budget is not None:
-        from .estimate import parse_bytes
-
-        if parse_bytes(config.memory_budget) <= 0:
-            raise ValueError(f"memory_budget must be a positive size like 15GiB, got {config.memory_budget!r}")
+    if config.memory_budget is not None and parse_bytes(config.memory_budget) <= 0:
+        raise ValueError(f"memory_budget must be a positive size like 15GiB, got {config.memory_budget!r}")
     if config.optimizer_in_backward:
-        from .optim_backward import check_optimizer_in_backward
-
         check_optimizer_in_backward(config.grad_accum, config.clip, config.dtype == "fp16")
     return config
 

@@ -1,10 +1,11 @@
-# N blocks, B batch, T block size (tokens per input row)
+# N blocks, B batch, T block size (tokens per sequence)
 """The corpus: read it, strip Project Gutenberg matter, pack tokens into blocks, split, and batch.
 
-Token ids are concatenated and cut into N blocks of T + 1 tokens, so a block gives inputs `b[:-1]` and
-targets `b[1:]`. The last `val_fraction` of blocks is the validation set, contiguous, so no training
-block shares a token with it. `BlockLoader` shuffles the training blocks each epoch from `(seed, epoch)`
-alone, so its position is two integers and a resumed run sees the same batches as an uninterrupted one.
+Token ids are concatenated and cut into N blocks of T tokens, as HF's `run_clm.py` groups texts: the model
+sees all T tokens of a block and predicts the T - 1 next tokens `b[1:]` from `b[:-1]`. The last
+`val_fraction` of blocks is the validation set, contiguous, so no training block shares a token with it.
+`BlockLoader` shuffles the training blocks each epoch from `(seed, epoch)` alone, so its position is two
+integers and a resumed run sees the same batches as an uninterrupted one.
 """
 
 import math
@@ -109,35 +110,35 @@ def read_corpus(path, encoding: str = "utf-8") -> str:
 
 
 def make_blocks(text: str, tokenizer, block_size: int) -> torch.Tensor:
-    """Tokenizes `text` and cuts the ids into blocks of `block_size + 1` tokens; a short tail is dropped.
+    """Tokenizes `text` and cuts the ids into blocks of `block_size` tokens; a short tail is dropped.
 
     Args:
         text: the corpus.
         tokenizer: a HuggingFace tokenizer; no special tokens are added.
-        block_size: input tokens per row.
+        block_size: tokens per block (the model's sequence length), at least 2.
     Returns:
-        (N, block_size + 1) int64 ids.
+        (N, block_size) int64 ids.
     Example:
         >>> blocks = make_blocks(read_corpus(DEFAULT_CORPUS), tokenizer, 128)
     """
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    width = block_size + 1
+    width = block_size
     n = len(ids) // width
     if n == 0:
         raise CorpusError(
-            f"corpus has {len(ids)} tokens, shorter than one block of {width} (block size + 1); "
+            f"corpus has {len(ids)} tokens, shorter than one block of {width}; "
             f"use a longer corpus or a smaller --block-size"
         )
     return torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
 
 
-def split_blocks(blocks: torch.Tensor, val_fraction: float):  # blocks: (N, T+1)
+def split_blocks(blocks: torch.Tensor, val_fraction: float):  # blocks: (N, T)
     """Splits off the last `ceil(N * val_fraction)` blocks, contiguously, as validation.
 
     Returns:
-        (train, val): (N - n_val, T+1) and (n_val, T+1).
+        (train, val): (N - n_val, T) and (n_val, T).
     Example:
         >>> train, val = split_blocks(blocks, 0.05)
     """
@@ -161,10 +162,10 @@ class BlockLoader:
 
     Example:
         >>> loader = BlockLoader(train_blocks, batch_size=4, seed=0)
-        >>> batch = loader.next_batch()  # (4, T+1)
+        >>> batch = loader.next_batch()  # (4, T)
     """
 
-    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int = 0):  # blocks: (N, T+1)
+    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int = 0):  # blocks: (N, T)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if batch_size > blocks.shape[0]:
@@ -187,7 +188,7 @@ class BlockLoader:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.blocks.shape[0], generator=gen)
 
-    def next_batch(self) -> torch.Tensor:  # (B, T+1)
+    def next_batch(self) -> torch.Tensor:  # (B, T)
         if self.cursor + self.batch_size > self.blocks.shape[0]:
             self.epoch += 1
             self.cursor = 0

@@ -24,6 +24,7 @@ prompt's theme list; e.g. `Jonathan stood at the castle door || count, castle, w
 """
 
 import contextlib
+import json
 import math
 import re
 import sys
@@ -33,8 +34,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_write_json
+from .cli_common import OneLineParser, dtype_flag, fail, non_negative_int, positive_int
+from .config import TrainConfig
+from .data import DEFAULT_CORPUS, make_blocks, read_corpus, split_blocks
+from .dtypes import torch_dtype
+from .generate import DEFAULT_PROMPTS, generate_texts, resolve_device
 from .generate import read_prompt_entries as read_prompts
+from .models import load_model
 from .probe import article_probe, article_token_classes, builtin_contexts, heldout_contexts
+from .report import write_report
 
 __all__ = [
     "perplexity",
@@ -55,10 +64,10 @@ PROG = "leanfit evaluate"
 
 
 @torch.no_grad()
-def block_nll(model, blocks, batch_size=8):  # blocks: (N, T+1)
+def block_nll(model, blocks, batch_size=8):  # blocks: (N, T)
     """Returns (sum of next-token NLL in fp32, number of target tokens) over `blocks`."""
     if blocks.dim() != 2 or blocks.shape[1] < 2 or blocks.shape[0] < 1:
-        raise ValueError(f"expected blocks of shape (N >= 1, T+1 >= 2), got {tuple(blocks.shape)}")
+        raise ValueError(f"expected blocks of shape (N >= 1, T >= 2), got {tuple(blocks.shape)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = next(model.parameters()).device
@@ -74,12 +83,12 @@ def block_nll(model, blocks, batch_size=8):  # blocks: (N, T+1)
     return total.item(), blocks.shape[0] * (blocks.shape[1] - 1)
 
 
-def perplexity(model, val_blocks, batch_size=8):  # val_blocks: (N, T+1)
+def perplexity(model, val_blocks, batch_size=8):  # val_blocks: (N, T)
     """Perplexity of `model` on token blocks: exp of the mean next-token NLL over all target tokens.
 
     Args:
         model: a causal LM returning `.logits`.
-        val_blocks: (N, T+1) token ids; inputs are `[:, :-1]`, targets `[:, 1:]`.
+        val_blocks: (N, T) token ids; inputs are `[:, :-1]`, targets `[:, 1:]`.
         batch_size: blocks per forward pass.
 
     Returns:
@@ -171,8 +180,6 @@ def prompt_study(model, tokenizer, prompts, max_length=30, num_return_sequences=
         >>> prompt_study(model, tokenizer, ["You are a", "You are an"], num_return_sequences=5)[0]["distinct_2"]
         0.91
     """
-    from .generate import generate_texts
-
     items = [p if isinstance(p, dict) else {"prompt": p, "themes": []} for p in prompts]
     if not items:
         raise ValueError("expected at least one prompt, got none")
@@ -206,7 +213,7 @@ def evaluate_model(model, tokenizer, val_blocks=None, prompts=None, *, batch_siz
 
     Args:
         model, tokenizer: a causal LM and its tokenizer.
-        val_blocks: (N, T+1) validation token ids, or None to skip perplexity and held-out contexts.
+        val_blocks: (N, T) validation token ids, or None to skip perplexity and held-out contexts.
         prompts: None, or what `prompt_study` takes.
         batch_size: blocks (or probe contexts) per forward pass.
         heldout_per_article: at most this many held-out contexts per article.
@@ -249,8 +256,6 @@ def evaluate_model(model, tokenizer, val_blocks=None, prompts=None, *, batch_siz
 
 
 def _finetune_eval(ctx, record, heldout_per_article, study):
-    from .generate import DEFAULT_PROMPTS
-
     c = ctx.config
     prompts = read_prompts(c.prompts or DEFAULT_PROMPTS) if study else None
     done = ctx.samples if record is not None else None
@@ -274,8 +279,6 @@ def finetune_eval_before(ctx, heldout_per_article=50, study=True):
     (step > 0) keeps the eval_before.json it has, if any. `study=False` skips the prompt study (generation
     is the slow part on a CPU: about 30 s per prompt for 5 samples of SmolLM2-135M on 2 cores).
     """
-    from .checkpoint import atomic_write_json
-
     path = Path(ctx.out) / "eval_before.json"
     if ctx.step == 0:
         result = _finetune_eval(ctx, None, heldout_per_article, study)
@@ -287,16 +290,11 @@ def finetune_eval_after(ctx, heldout_per_article=50, study=True):
     """`finetune` writer: writes eval_after.json, the perplexities of both files from finetune's evaluations
     (first and last), then report.md and report.html. The prompt study scores the samples `write_samples`
     generated (ctx.samples) when it ran first with the same prompts, instead of generating them again."""
-    from .checkpoint import atomic_write_json
-    from .report import write_report
-
     out = Path(ctx.out)
     evals = ctx.evals()
     after = _finetune_eval(ctx, evals[-1] if evals else None, heldout_per_article, study)
     before_path = out / "eval_before.json"
     if before_path.is_file() and evals:
-        import json
-
         before = json.loads(before_path.read_text(encoding="utf-8"))
         first = evals[0]
         before.update(perplexity=first["val_ppl"], val_loss=first["val_loss"], step=first["step"],
@@ -366,9 +364,6 @@ def format_table(results, diff=True):
 
 
 def _parser():
-    from .cli_common import OneLineParser, non_negative_int, positive_int
-    from .config import TrainConfig
-
     d = TrainConfig()
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
 
@@ -382,7 +377,7 @@ def _parser():
         "differences", default=None, shown="none")
     add("--corpus", "a .txt file or a folder of them", default=None, shown="the embedded corpus")
     add("--encoding", "the corpus's text encoding", default=d.encoding)
-    add("--block-size", "tokens per block, as in finetune", type=positive_int, default=d.block_size)
+    add("--block-size", "tokens per sequence, as in finetune", type=positive_int, default=d.block_size)
     add("--val-fraction", "held-out fraction of blocks (the last ones), as in finetune", type=float,
         default=d.val_fraction)
     add("--eval-blocks", "use only the first N validation blocks, 0: all", type=non_negative_int, default=0)
@@ -396,22 +391,19 @@ def _parser():
     add("--num-return-sequences", "samples per prompt", type=positive_int, default=d.num_return_sequences)
     add("--seed", "generation seed", type=non_negative_int, default=d.seed)
     add("--device", "cpu, cuda, cuda:N or auto", default="auto")
-    add("--dtype", "autocast dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    add("--dtype", "autocast dtype: fp32 (none), bf16 or fp16; float32, bfloat16, float16 also accepted",
+        type=dtype_flag, default="fp32")
     add("--json", "also write the results as JSON to PATH", metavar="PATH", default=None, shown="none")
     return p
 
 
 def _run(args):
-    from .data import DEFAULT_CORPUS, make_blocks, read_corpus, split_blocks
-    from .generate import resolve_device
-    from .models import load_model
-
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     prompts = read_prompts(args.prompts) if args.prompts else None
     text = read_corpus(args.corpus or DEFAULT_CORPUS, encoding=args.encoding)
     device = resolve_device(args.device)
-    cast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    cast = None if args.dtype == "fp32" else torch_dtype(args.dtype)
     results = []
     for name in ([args.baseline] if args.baseline else []) + [args.model]:
         model, tokenizer = load_model(name, device=device)
@@ -431,8 +423,6 @@ def main(argv=None):
     try:
         results = _run(args)
     except (ValueError, OSError) as e:
-        from .cli_common import fail
-
         return fail(PROG, e)
     print(format_table(results))
     for r in results:
@@ -441,8 +431,6 @@ def main(argv=None):
             for s in p["samples"][:3]:
                 print("  " + s.replace("\n", " "))
     if args.json:
-        from .checkpoint import atomic_write_json
-
         atomic_write_json(args.json, results[0] if len(results) == 1 else {"baseline": results[0],
                                                                           "model": results[1]})
     return 0

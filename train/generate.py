@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .cli_common import OneLineParser, fail, non_negative_int, positive_float, positive_int
+from .models import load_model
 
 __all__ = ["DEFAULT_PROMPTS", "read_prompts", "read_prompt_entries", "generate_texts", "main"]
 
@@ -163,8 +164,6 @@ def main(argv=None) -> int:
         if args.prompts_file or not prompts:
             prompts += read_prompts(args.prompts_file or DEFAULT_PROMPTS)
         device = resolve_device(args.device)
-        from .models import load_model
-
         model, tokenizer = load_model(args.model, device=device)
         results = generate_texts(
             model, tokenizer, prompts, max_length=args.max_length, num_return_sequences=args.num_return_sequences,

@@ -23,17 +23,18 @@ Use (see `MemoryProfiler`):
 """
 
 import contextlib
-import json
 import os
 import resource
 import sys
-import tempfile
 import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .atomic import atomic_path, atomic_write_json
+from .units import CUDA_CONTEXT_BYTES, format_bytes
 
 CPU_KINDS = ("parameters", "gradients", "optimizer_state", "activations", "loss_buffers", "temporaries")
 CUDA_KINDS = ("parameters", "gradients", "optimizer_state", "activations_and_temporaries")
@@ -45,23 +46,6 @@ def _storages(t):
     if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
         return []
     return [t.untyped_storage()]
-
-
-def atomic_write(path, write):
-    """Calls `write(tmp_path)` and moves the result to `path`, so a reader never sees a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class TensorCounter(TorchDispatchMode):
@@ -165,7 +149,8 @@ class TensorCounter(TorchDispatchMode):
         self._handles = []
 
 
-def _rss_peak_bytes():
+def rss_peak_bytes() -> int:
+    """The process's peak resident set size (`ru_maxrss`, in KiB on Linux and bytes on macOS), in bytes."""
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -193,7 +178,7 @@ class MemoryProfiler:
 
     Args:
         model: the model being trained (its parameters are "parameters").
-        optimizer: its optimizer (or an `OptimizerInBackward`); may be set later with `set_optimizer`.
+        optimizer: its optimizer (or an `OptimizerInBackward`).
         device: where training runs; default: the device of the model's first parameter.
         out_dir: where `save()` writes memory_report.json, memory.png (and the snapshot); None: nowhere.
         snapshot: on CUDA, record the allocator history and dump it (memory_snapshot.pickle) on save.
@@ -224,11 +209,6 @@ class MemoryProfiler:
             self._claim_optimizer_state()
             self.counter.__enter__()
         self._record_phase("weights_loaded", self._mark())
-
-    def set_optimizer(self, optimizer):
-        self.optimizer = optimizer
-        if self.counter is not None:
-            self._claim_optimizer_state()
 
     def _claim_grad(self, p):
         if p.grad is not None and self.counter is not None:
@@ -262,7 +242,7 @@ class MemoryProfiler:
         return self._read()
 
     def _read(self):
-        r = {"rss_peak_bytes": _rss_peak_bytes()}
+        r = {"rss_peak_bytes": rss_peak_bytes()}
         if self.cuda:
             torch.cuda.synchronize(self.device)
             s = torch.cuda.memory_stats(self.device)
@@ -377,11 +357,9 @@ class MemoryProfiler:
         """The report as a dict: `peak` (bytes, step, phase, breakdown adding up to bytes, top_modules),
         `phases` (the largest reading of each phase), `steps`, and the device."""
         return {"device": str(self.device), "peak": self.peak, "phases": self.phase_peaks, "steps": self.steps,
-                "rss_peak_bytes": _rss_peak_bytes(), "oom": getattr(self, "oom", None)}
+                "rss_peak_bytes": rss_peak_bytes(), "oom": getattr(self, "oom", None)}
 
     def table(self):
-        from .estimate import format_bytes
-
         p = self.peak
         lines = [f"memory on {self.device}: peak {format_bytes(p['bytes'])} at step {p['step']}, phase {p['phase']}"]
         for k, v in p["breakdown"].items():
@@ -389,7 +367,7 @@ class MemoryProfiler:
         for name, r in self.phase_peaks.items():
             extra = f"  reserved {format_bytes(r['reserved_peak_bytes'])}" if "reserved_peak_bytes" in r else ""
             lines.append(f"  peak in {name:<19}{format_bytes(r['peak_bytes']):>12}{extra}")
-        lines.append(f"  process peak RSS            {format_bytes(_rss_peak_bytes()):>12}")
+        lines.append(f"  process peak RSS            {format_bytes(rss_peak_bytes()):>12}")
         if p["top_modules"]:
             top = ", ".join(f"{n} {format_bytes(b)}" for n, b in p["top_modules"][:5])
             lines.append(f"  top modules at the peak: {top}")
@@ -403,22 +381,20 @@ class MemoryProfiler:
         paths = {"report": os.path.join(out_dir, "memory_report.json"), "plot": os.path.join(out_dir, "memory.png")}
         if self.snapshot:
             paths["snapshot"] = os.path.join(out_dir, "memory_snapshot.pickle")
-            atomic_write(paths["snapshot"], torch.cuda.memory._dump_snapshot)
+            with atomic_path(paths["snapshot"]) as tmp:
+                torch.cuda.memory._dump_snapshot(str(tmp))
         report = self.report()
         report["files"] = paths
 
-        def write_json(tmp):
-            with open(tmp, "w") as f:
-                json.dump(report, f, indent=1)
-
-        atomic_write(paths["plot"], lambda tmp: plot_report(report, tmp))
-        atomic_write(paths["report"], write_json)
+        with atomic_path(paths["plot"]) as tmp:
+            plot_report(report, tmp)
+        atomic_write_json(paths["report"], report)
         return paths
 
 
 def plot_report(report, path):
     """memory.png: the peak of each phase over steps (left) and the breakdown at the peak (right)."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes a second to import and only the outputs need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -446,11 +422,9 @@ def apply_memory_cap(budget_bytes, device, context_bytes=None):
     """Caps the caching allocator so that a run on a larger card behaves like one on a `budget_bytes` card.
 
     The allocator gets `budget_bytes - context_bytes` (the CUDA context lives outside it; default
-    `train.estimate.CUDA_CONTEXT_BYTES`), via `torch.cuda.set_per_process_memory_fraction`. Returns the fraction
+    `units.CUDA_CONTEXT_BYTES`), via `torch.cuda.set_per_process_memory_fraction`. Returns the fraction
     set, or None when the card is not larger than the budget (nothing to cap) or the device is not CUDA.
     """
-    from .estimate import CUDA_CONTEXT_BYTES
-
     device = torch.device(device)
     if device.type != "cuda":
         return None

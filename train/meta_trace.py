@@ -12,9 +12,10 @@
   and of the fp32 ops to fp32 (CUDA or CPU op lists from the "Autocast Op Reference" of the torch.amp docs),
   caching the casts of leaf tensors that require grad, as autocast does, until `clear_cache()`.
 - Backward: `run_backward` keeps the modes above active during the backward (checkpoint recomputation).
-- Packed sequences: transformers' `find_packed_sequence_indices` makes a data-dependent check that fails on
-  `meta` when there is no cache (training with gradient checkpointing). `unpacked_sequences()` patches it to
-  report one sequence per row, which is what the fine-tuning blocks are.
+- Data-dependent checks: transformers' `find_packed_sequence_indices` fails on `meta` when there is no cache
+  (training with gradient checkpointing), and its padding warning reads token ids (`.item()`).
+  `unpacked_sequences()` makes the first report one sequence per row, which is what the fine-tuning blocks
+  are, and skips the second, which only warns.
 """
 
 import contextlib
@@ -163,12 +164,14 @@ def run_backward(loss):
 
 @contextlib.contextmanager
 def unpacked_sequences():
-    """Makes transformers treat each row as one sequence without inspecting position ids."""
-    from transformers import masking_utils
+    """Makes transformers treat each row as one sequence without reading the token or position ids."""
+    from transformers import PreTrainedModel, masking_utils
 
-    original = masking_utils.find_packed_sequence_indices
+    packed, padding = masking_utils.find_packed_sequence_indices, PreTrainedModel.warn_if_padding_and_no_attention_mask
     masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    PreTrainedModel.warn_if_padding_and_no_attention_mask = lambda self, input_ids, attention_mask: None
     try:
         yield
     finally:
-        masking_utils.find_packed_sequence_indices = original
+        masking_utils.find_packed_sequence_indices = packed
+        PreTrainedModel.warn_if_padding_and_no_attention_mask = padding

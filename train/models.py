@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_dir
+from .atomic import atomic_dir
 
 __all__ = ["EMBEDDED", "ModelNotFoundError", "embedded_gguf_path", "load_model", "save_checkpoint"]
 

@@ -155,7 +155,7 @@ def heldout_contexts(blocks, tokenizer, max_per_article=100, min_context=8):
     """Finds contexts in token blocks wherever an article token is followed by a classed word-initial token.
 
     Args:
-        blocks: LongTensor (n, T+1) of token ids, e.g. the validation split.
+        blocks: LongTensor (n, T) of token ids, e.g. the validation split.
         tokenizer: the blocks' tokenizer.
         max_per_article: keep at most this many contexts per article, spread evenly over the hits.
         min_context: skip articles with fewer tokens than this before them in their block.
@@ -164,7 +164,7 @@ def heldout_contexts(blocks, tokenizer, max_per_article=100, min_context=8):
         A list of token-id lists, each ending in an article token.
     """
     if blocks.dim() != 2:
-        raise ValueError(f"expected blocks of shape (n, T+1), got {tuple(blocks.shape)}")
+        raise ValueError(f"expected blocks of shape (n, T), got {tuple(blocks.shape)}")
     articles = article_token_ids(tokenizer)
     vowel_ids, consonant_ids = article_token_classes(tokenizer)
     classed = torch.zeros(max(len(tokenizer), int(blocks.max()) + 1), dtype=torch.bool)

@@ -2,7 +2,7 @@
 
 `write_report(out_dir)` reads what `finetune` left in `out_dir`, each part optional:
 run.json (configuration), metrics.jsonl and loss.png (loss curves), memory_report.json and memory.png
-(memory), eval_before.json and eval_after.json (`train.evaluate.evaluate_model` results: perplexity, the
+(memory), eval_before.json and eval_after.json (`evaluate.evaluate_model` results: perplexity, the
 a/an probe, prompt studies), samples.jsonl (generations after training).
 
 `write_comparison_report(out_dir, runs)` puts several runs side by side (the learning-rate pitfall):
@@ -14,9 +14,12 @@ Both build one list of blocks (heading, paragraph, table, image, preformatted te
 import base64
 import html
 import json
+import sys
 from pathlib import Path
 
-from .checkpoint import atomic_path, atomic_write_text
+from .atomic import atomic_path, atomic_write_text
+from .cli_common import OneLineParser, fail
+from .units import format_bytes
 
 __all__ = ["write_report", "write_comparison_report", "read_run"]
 
@@ -118,8 +121,6 @@ def _loss_blocks(run):
 
 
 def _bytes(n):
-    from .estimate import format_bytes
-
     return format_bytes(n) if isinstance(n, (int, float)) else _fmt(n)
 
 
@@ -327,7 +328,7 @@ def write_report(out_dir):
 
 
 def _comparison_plot(runs, path):
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes a second to import and only the comparison plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -400,10 +401,8 @@ def write_comparison_report(out_dir, runs):
 
 
 def main(argv=None):
-    """`python -m train.report RUN_DIR` or `python -m train.report --compare OUT LABEL=RUN_DIR ...`."""
-    from .cli_common import OneLineParser, fail
-
-    p = OneLineParser(prog="python -m train.report", description="Write report.md and report.html for runs.")
+    """`python -m leanfit.train.report RUN_DIR` or `python -m leanfit.train.report --compare OUT LABEL=RUN_DIR ...`."""
+    p = OneLineParser(prog="python -m leanfit.train.report", description="Write report.md and report.html for runs.")
     p.add_argument("runs", nargs="+", help="a run folder, or with --compare, LABEL=RUN_DIR pairs")
     p.add_argument("--compare", metavar="OUT", help="write one comparison report into OUT")
     args = p.parse_args(argv)
@@ -422,6 +421,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -7,9 +7,14 @@ import warnings
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from .architectures import load_config
+from .dtypes import torch_dtype
+from .lm_loss import causal_lm_loss
 from .meta_trace import AutocastEmulation, SdpaStandIn, run_backward, unpacked_sequences
+from .optim import make_optimizer
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["build_meta_model", "trace_step"]
+
 _KINDS = {"Parameter": "parameters", "Buffer": "parameters", "Gradient": "gradients", "Optstate": "optimizer_state",
           "Activation": "activations", "Temp": "temporaries", "Other": "temporaries"}
 
@@ -24,13 +29,13 @@ class _PeakTracker(MemTracker):
                 self._peak_mem_snap[dev] = dict(dev_snap)
 
 
-def build_meta_model(config, dtype="float32", attn_implementation="sdpa", grad_checkpointing=False):
+def build_meta_model(config, dtype="fp32", attn_implementation="sdpa", grad_checkpointing=False):
     """The causal LM of `config` on the `meta` device, in train mode."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
-                                                 dtype=_DTYPES[dtype])
+                                                 dtype=torch_dtype(dtype))
     model.train()
     if grad_checkpointing:
         with warnings.catch_warnings():
@@ -39,34 +44,7 @@ def build_meta_model(config, dtype="float32", attn_implementation="sdpa", grad_c
     return model
 
 
-def make_optimizer(params, name, device_kind, lr=1e-4, weight_decay=0.0, traced=False):
-    """The optimizer as fine-tuning builds it: fused on CUDA, foreach on the CPU.
-
-    `traced=True` gives the version the estimate runs on `meta`, where fused kernels do not exist: the
-    single-tensor loop stands in for fused (both hold only one parameter's temporaries at a time, where
-    foreach would hold a temporary as large as all the optimizer state).
-    """
-    params = list(params)
-    if device_kind == "cuda":
-        kind = {"foreach": False} if traced else {"fused": True}
-    else:
-        kind = {"foreach": True}
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kind)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **kind)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, **kind)
-    raise ValueError(f"optimizer: expected adamw, adam or sgd, given {name!r}")
-
-
-def loss_fn(model, input_ids, impl):
-    from .lm_loss import causal_lm_loss
-
-    return causal_lm_loss(model, input_ids, impl=impl, all_targets_valid=True)
-
-
-def _warm_optimizer(model, opt, step_fn):
+def _warm_optimizer(model, step_fn):
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     step_fn()
@@ -88,26 +66,22 @@ def _top_modules(mt, top):
 
 def trace_step(cfg, top=5):
     """Peak breakdown {category: bytes}, top modules and parameter count of one traced step of `cfg`."""
-    from .optim_backward import OptimizerInBackward
-    from .presets import load_config
-
     model = build_meta_model(load_config(cfg.model), cfg.dtype, cfg.attn_implementation, cfg.grad_checkpointing)
     ids = torch.zeros(cfg.batch_size, cfg.block_size, dtype=torch.long, device="meta")
+    opt = make_optimizer(model, cfg.optimizer, cfg.device_kind, in_backward=cfg.optimizer_in_backward, traced=True)
     if cfg.optimizer_in_backward:
-        opt = OptimizerInBackward(model, lambda ps: make_optimizer(ps, cfg.optimizer, cfg.device_kind, traced=True))
-        _warm_optimizer(model, opt, opt.step_all)
+        _warm_optimizer(model, opt.step_all)
         states = opt.optimizers
     else:
-        opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.device_kind, traced=True)
-        _warm_optimizer(model, opt, opt.step)
+        _warm_optimizer(model, opt.step)
         states = [opt]
     mt = _PeakTracker()
     mt.track_external(model, *states, ids)
-    autocast = AutocastEmulation(_DTYPES[cfg.autocast], cfg.device_kind) if cfg.autocast else contextlib.nullcontext()
-    with warnings.catch_warnings(), unpacked_sequences(), SdpaStandIn(cfg.device_kind), \
-            autocast, mt:
+    autocast = AutocastEmulation(torch_dtype(cfg.autocast), cfg.device_kind) if cfg.autocast \
+        else contextlib.nullcontext()
+    with warnings.catch_warnings(), unpacked_sequences(), SdpaStandIn(cfg.device_kind), autocast, mt:
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
-        loss = loss_fn(model, ids, cfg.loss_impl)
+        loss = causal_lm_loss(model, ids, impl=cfg.traced_loss, all_targets_valid=True)
         if cfg.autocast:
             autocast.clear_cache()
         run_backward(loss)

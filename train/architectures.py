@@ -1,4 +1,4 @@
-"""Model configs without weights: the presets the estimate knows, a local dir, or a cached hub id.
+"""Model architectures without weights: the ones built in, a local dir, or a cached hub id.
 
 GPT-2 sizes are those of the published checkpoints (Radford et al. 2019, table 2; the `config.json` of
 `openai-community/gpt2{,-medium,-large,-xl}`). SmolLM2-135M's are read from the GGUF metadata shipped in
@@ -9,6 +9,8 @@ GPT-2 sizes are those of the published checkpoints (Radford et al. 2019, table 2
 
 import os
 
+__all__ = ["ARCHITECTURES", "architecture_config", "load_config", "max_positions"]
+
 GPT2_SIZES = {
     # name: (n_embd, n_layer, n_head)  ~params
     "gpt2": (768, 12, 12),  # 124M
@@ -17,11 +19,11 @@ GPT2_SIZES = {
     "gpt2-xl": (1600, 48, 25),  # 1.56B
 }
 
-PRESETS = tuple(GPT2_SIZES) + ("smollm2-135m",)
+ARCHITECTURES = tuple(GPT2_SIZES) + ("smollm2-135m",)
 
 
-def preset_config(name):
-    """Returns the transformers config of preset `name` (one of `PRESETS`)."""
+def architecture_config(name):
+    """Returns the transformers config of the built-in architecture `name` (one of `ARCHITECTURES`)."""
     if name in GPT2_SIZES:
         from transformers import GPT2Config
 
@@ -42,19 +44,19 @@ def preset_config(name):
             rms_norm_eps=1e-5,
             tie_word_embeddings=True,
         )
-    raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    raise ValueError(f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}")
 
 
 def load_config(model):
-    """Returns a config for `model`: a preset name, a local directory with `config.json`, or a hub id.
+    """Returns a config for `model`: a built-in architecture, a local directory with `config.json`, or a hub id.
 
     A hub id is read from the local cache only (no download); a missing one raises ValueError.
     A config object is returned as is.
     """
     if not isinstance(model, str):
         return model
-    if model in PRESETS:
-        return preset_config(model)
+    if model in ARCHITECTURES:
+        return architecture_config(model)
     from transformers import AutoConfig
 
     if os.path.isdir(model):
@@ -65,6 +67,16 @@ def load_config(model):
         return AutoConfig.from_pretrained(model, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(
-            f"model {model!r}: expected a preset ({', '.join(PRESETS)}), a local directory with config.json, "
+            f"model {model!r}: expected a built-in architecture ({', '.join(ARCHITECTURES)}), a local directory "
+            f"with config.json, "
             f"or a hub id whose config is in the local cache (no network here): {str(e).splitlines()[0]}"
         ) from None
+
+
+def max_positions(model_config) -> int | None:
+    """The longest sequence the model's position embedding allows, or None when it has no such limit."""
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,81 @@
+"""`leanfit estimate`: predict a training step's peak memory before launch, or choose settings that fit a budget."""
+
+import contextlib
+import json
+import sys
+from dataclasses import fields
+
+from .architectures import ARCHITECTURES, load_config
+from .budget import NothingFits, choose_config
+from .cli_common import OneLineParser, dtype_flag, fail, flag_type, positive_int
+from .estimate import ATTN_IMPLS, DEVICE_KINDS, LOSS_IMPLS, StepConfig, estimate_step
+from .optim import OPTIMIZERS
+from .units import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, MiB, parse_bytes
+
+PROG = "leanfit estimate"
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description="Predict a training step's peak memory (traced on the meta device: "
+                      "no weights, no GPU).")
+    p.add_argument("--model", default="gpt2", help=f"built-in architecture ({', '.join(ARCHITECTURES)}), local "
+                   "dir, or hub id with a cached config (default: gpt2)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="micro-batch size in sequences (default: 8)")
+    p.add_argument("--block-size", type=positive_int, default=1024,
+                   help="tokens per sequence, as the model sees them (default: 1024)")
+    p.add_argument("--dtype", type=dtype_flag, default="fp32", help="parameter dtype: fp32, bf16, fp16 (default: fp32)")
+    p.add_argument("--autocast", type=dtype_flag, default=None, help="autocast dtype: bf16 or fp16 (default: none)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--loss", dest="loss_impl", default="naive", choices=LOSS_IMPLS,
+                   help="naive and hf hold the full logits; chunked, triton and auto are traced as chunked "
+                   "(default: naive)")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    p.add_argument("--optimizer-in-backward", action="store_true")
+    p.add_argument("--device", dest="device_kind", default="cuda", choices=DEVICE_KINDS)
+    p.add_argument("--attn", dest="attn_implementation", default="sdpa", choices=ATTN_IMPLS)
+    p.add_argument("--memory-budget", type=flag_type(parse_bytes, "size"), default=None,
+                   help="e.g. 15GiB, 14.75GiB, 800MiB, 16GB")
+    p.add_argument("--choose", action="store_true", help="choose the settings that fit --memory-budget, "
+                   "keeping batch-size x block-size tokens per optimizer step")
+    p.add_argument("--no-optimizer-in-backward", dest="allow_oib", action="store_false",
+                   help="with --choose: never step in the backward (keeps gradient accumulation and clipping)")
+    p.add_argument("--cuda-context", type=flag_type(parse_bytes, "size"), default=None,
+                   help=f"CUDA context size (default {CUDA_CONTEXT_BYTES // MiB}MiB)")
+    p.add_argument("--allocator-margin", type=float, default=None,
+                   help=f"fraction added for allocator rounding and fragmentation (default {ALLOCATOR_MARGIN})")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _choose(args, overrides) -> int:
+    if args.memory_budget is None:
+        raise ValueError("--choose: expected --memory-budget, given none")
+    try:
+        choice = choose_config(args.model, args.batch_size * args.block_size, args.block_size, args.memory_budget,
+                               device_kind=args.device_kind, optimizer=args.optimizer,
+                               allow_optimizer_in_backward=args.allow_oib, estimate_kwargs=overrides)
+    except NothingFits as e:
+        print(json.dumps(e.to_dict()) if args.json else e.estimate.table(args.memory_budget))
+        return fail(PROG, e)
+    print(json.dumps(choice.to_dict()) if args.json else choice.describe())
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {"cuda_context_bytes": args.cuda_context, "allocator_margin": args.allocator_margin}
+    try:
+        if args.choose:
+            return _choose(args, overrides)
+        load_config(args.model)
+        step = StepConfig(**{f.name: getattr(args, f.name) for f in fields(StepConfig)})
+        est = estimate_step(step, **overrides)
+    except ValueError as e:
+        return fail(PROG, e)
+    print(json.dumps(est.to_dict(args.memory_budget)) if args.json else est.table(args.memory_budget))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -1,0 +1,86 @@
+"""Memory planning for a fine-tuning run, before any weight is loaded, and advice after an out-of-memory error.
+
+Both read only the model's config (train/architectures.py) and trace the step on `meta` (train/estimate.py);
+`--memory-budget` settings come from train/budget.py.
+"""
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import config as cfg
+from .architectures import load_config, max_positions
+from .budget import NothingFits, choose_for_train_config, train_config_changes
+from .estimate import StepConfig, estimate_step
+from .units import parse_bytes
+
+__all__ = ["check_positions", "device_kind", "step_config", "plan_memory", "oom_advice"]
+
+
+def check_positions(config: cfg.TrainConfig, model_config):
+    """Raises ValueError when a block of block_size tokens exceeds the model's positions."""
+    limit = max_positions(model_config)
+    if limit is not None and config.block_size > limit:
+        raise ValueError(f"--block-size {config.block_size} is more than the model's {limit} positions: "
+                         f"expected --block-size {limit} or less")
+
+
+def device_kind(name: str) -> str:
+    """"cuda" or "cpu" for a --device value; "auto" is what this machine has."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if name.startswith("cuda") else "cpu"
+
+
+def step_config(config: cfg.TrainConfig, kind: str) -> StepConfig:
+    """The estimate's `StepConfig` for one micro-batch of `config` on a `kind` device."""
+    return StepConfig(
+        model=config.model, batch_size=config.batch_size, block_size=config.block_size,
+        autocast=None if config.dtype == "fp32" else config.dtype, loss_impl=config.loss,
+        grad_checkpointing=bool(config.grad_checkpointing), optimizer=config.optimizer,
+        optimizer_in_backward=config.optimizer_in_backward, device_kind=kind,
+    )
+
+
+def plan_memory(config: cfg.TrainConfig) -> tuple[cfg.TrainConfig, str]:
+    """The estimate's view of `config`, from the model's config alone (no weights, no GPU).
+
+    With `config.memory_budget`, the settings are those `budget.choose_for_train_config` picks to fit
+    (batch_size * grad_accum sequences per step kept); without, the config is kept and its estimate shown.
+    The device kind follows `config.device` (cuda or cuda:N plans for CUDA even on a machine without one).
+
+    Returns:
+        (the config to run, the printable plan).
+    Raises:
+        ValueError: bad input, the block over the model's positions, or `NothingFits` (with the smallest
+        configuration's breakdown printed first).
+    """
+    model_ref = str(Path(config.resume) / "checkpoint") if config.resume else config.model
+    check_positions(config, load_config(model_ref))
+    kind = device_kind(config.device)
+    if config.memory_budget is None:
+        return config, estimate_step(replace(step_config(config, kind), model=model_ref)).table()
+    budget = parse_bytes(config.memory_budget)
+    try:
+        choice = choose_for_train_config(replace(config, model=model_ref), budget, kind)
+    except NothingFits as e:
+        print(e.estimate.table(budget))
+        raise
+    planned = cfg.validate(replace(config, **train_config_changes(choice)))
+    return planned, f"memory budget {config.memory_budget} on {kind}:\n{choice.describe()}"
+
+
+def oom_advice(config: cfg.TrainConfig, device: torch.device) -> str | None:
+    """After a CUDA out-of-memory error: a configuration the estimate says fits the budget (or the card)."""
+    if config.memory_budget:
+        budget = parse_bytes(config.memory_budget)
+    elif device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory
+    else:
+        return None
+    try:
+        choice = choose_for_train_config(config, budget, device.type)
+    except ValueError as e:
+        return f"the estimate finds nothing that fits: {e}"
+    return "a configuration the estimate says fits:\n" + choice.describe()
