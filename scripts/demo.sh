@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 1: fine-tune the embedded SmolLM2-135M on the embedded Dracula, then sample from it.
 # Sets up .venv as scripts/test.sh does; picks the cpu-demo preset (< 5 min on 2 cores) or, with CUDA, gpu-demo.
-# Extra arguments go to `leanfit finetune` (e.g. --iters 100 --out runs/mine).
+# Extra arguments go to `leanfit finetune` (e.g. --iters 100 --out runs/mine). A rerun replaces the previous
+# demo run in runs/demo (--overwrite: only that run's own files; nothing else there is touched).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ echo "preset $PRESET (train/config.py):$(grep -B1 "\"$PRESET\"" train/config.py 
 
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
-"$PY" -m leanfit.train.finetune --preset "$PRESET" --out runs/demo ${EXTRA[@]+"${EXTRA[@]}"} "$@" | tee "$LOG"
+"$PY" -m leanfit.train.finetune --preset "$PRESET" --out runs/demo --overwrite ${EXTRA[@]+"${EXTRA[@]}"} "$@" | tee "$LOG"
 OUT=$(sed -n 's|^outputs in \(.*\)/: .*|\1|p' "$LOG" | tail -n 1)
 
 echo
@@ -32,7 +33,7 @@ echo "== samples written after training ($OUT/samples.md, first lines) =="
 head -n 16 "$OUT/samples.md"
 echo
 echo "outputs: $OUT/{report.md,report.html,eval_before.json,eval_after.json,memory_report.json,memory.png,"\
-"metrics.jsonl,loss.png,checkpoint/,train_state.pt,run.json,samples.md,samples.jsonl}"
+"metrics.jsonl,loss.png,checkpoints/,checkpoint,run.json,samples.md,samples.jsonl}"
 grep "validation perplexity" "$LOG"
 "$PY" - "$OUT" <<'EOF'
 import json, sys

@@ -26,7 +26,7 @@ for lr in 5e-5 1e-2; do
   run="$OUT/lr-$lr"
   "$PY" -m leanfit.train.finetune --model smollm2-135m --block-size "$BLOCK" --batch-size "$BATCH" --iters "$ITERS" \
     --warmup 2 --eval-every "$ITERS" --eval-blocks "$EVAL_BLOCKS" --num-return-sequences "$SAMPLES" --seed 0 \
-    --lr "$lr" --out "$run"
+    --lr "$lr" --out "$run" --overwrite
   if [ ! -f "$run/eval_after.json" ]; then
     # this finetune does not call train.evaluate itself: evaluate the model before (once) and after
     if [ ! -f "$OUT/eval_before.json" ]; then

@@ -17,7 +17,7 @@ from tests.helpers import assert_close
 from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
 
 GRAD_TOL = {torch.float32: (1e-6, 1e-4)}
-OUTPUTS = ["metrics.jsonl", "loss.png", "checkpoint", "train_state.pt", "run.json", "samples.md", "samples.jsonl"]
+OUTPUTS = ["metrics.jsonl", "loss.png", "checkpoint", "checkpoints", "run.json", "samples.md", "samples.jsonl"]
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_resume_after_sigint_equals_an_uninterrupted_run(tmp_path, corpus, promp
     with pytest.warns(UserWarning) if dtype == "fp32" else contextlib.nullcontext():
         first = run(cut, hooks=Hooks(on_step=[interrupt]))
     assert first["status"] == "interrupted" and first["steps"] == 4
-    for name in ["metrics.jsonl", "loss.png", "checkpoint", "train_state.pt", "run.json"]:
+    for name in ["metrics.jsonl", "loss.png", "checkpoint", "checkpoints", "run.json"]:
         assert (tmp_path / "cut" / name).exists(), name
     assert not (tmp_path / "cut" / "samples.md").exists()
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["summary"]["status"] == "interrupted"

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from leanfit.train.checkpoint import latest_unit
 from leanfit.train.config import TrainConfig
 from leanfit.train.context import Hooks
 from leanfit.train.finetune import OutOfMemory, main, run
@@ -155,6 +156,7 @@ def test_out_of_memory_saves_the_last_step_and_the_memory_report(tmp_path, corpu
     out = tmp_path / "run"
     report = json.loads((out / "memory_report.json").read_text())
     assert report["oom"]["step"] == 3 and report["oom"]["phase"] == "forward"
-    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 2
+    unit, state, _ = latest_unit(out)
+    assert unit.name == "step-000002" and state["step"] == 2
     assert (out / "checkpoint").is_dir()
     assert json.loads((out / "run.json").read_text())["summary"]["status"] == "out of memory"

@@ -3,6 +3,7 @@ installs only `leanfit`, beside HF's `kernels` distribution in either order."""
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -144,8 +145,10 @@ def _run(*cmd, cwd=None):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    dist = tmp_path_factory.mktemp("dist")
-    _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", dist, ROOT)
+    dist, source = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("source") / "leanfit"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "dist", "runs", "out", "*.egg-info",
+                                                               "__pycache__"))
+    _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", dist, source)
     wheels = list(dist.glob("leanfit-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]
@@ -166,6 +169,8 @@ def test_the_wheel_holds_only_the_leanfit_root(wheel):
 CHECK = """
 import kernels, leanfit, torch
 from leanfit.kernels import linear_cross_entropy
+from leanfit.train.probe import builtin_prefixes
+assert builtin_prefixes()
 assert hasattr(kernels, "get_kernel") and "site-packages" in kernels.__file__, kernels.__file__
 assert "site-packages" in leanfit.__file__, leanfit.__file__
 h, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, 4])

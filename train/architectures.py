@@ -9,7 +9,7 @@ GPT-2 sizes are those of the published checkpoints (Radford et al. 2019, table 2
 
 import os
 
-__all__ = ["ARCHITECTURES", "architecture_config", "load_config", "max_positions"]
+__all__ = ["ARCHITECTURES", "architecture_config", "load_config", "max_positions", "check_positions"]
 
 GPT2_SIZES = {
     # name: (n_embd, n_layer, n_head)  ~params
@@ -80,3 +80,11 @@ def max_positions(model_config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_positions(block_size: int, model_config):
+    """Raises ValueError when a sequence of block_size tokens exceeds the model's positions."""
+    limit = max_positions(model_config)
+    if limit is not None and block_size > limit:
+        raise ValueError(f"--block-size {block_size} is more than the model's {limit} positions: "
+                         f"expected --block-size {limit} or less")

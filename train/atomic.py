@@ -12,9 +12,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "atomic_dir", "atomic_path"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_dir", "atomic_path", "check_writable"]
 
 
 def _umask() -> int:
@@ -48,11 +46,6 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def atomic_torch_save(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 @contextmanager
 def atomic_dir(path):
     """Yields an empty temporary folder next to `path`; it replaces `path` when the block ends without error."""
@@ -72,3 +65,17 @@ def atomic_dir(path):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(path, what: str, folder: bool = False):
+    """Raises ValueError (naming `what`, e.g. "--json") unless `path` can be written: as a folder or a file,
+    existing or to be made inside the nearest folder that exists. Writes nothing."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kinds = ("file", "folder") if folder else ("folder", "file")
+        raise ValueError(f"{what} {path} is a {kinds[0]} (expected a {kinds[1]})")
+    home = path if path.is_dir() else path.parent
+    while not home.exists():
+        home = home.parent
+    if not home.is_dir() or not os.access(home, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot write in {home} (expected a writable folder)")

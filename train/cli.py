@@ -13,6 +13,7 @@ COMMANDS = {
     "estimate": ("leanfit.train.cli_estimate", "predict a training step's peak memory before launch"),
     "evaluate": ("leanfit.train.evaluate", "perplexity, the a/an probe and prompt studies"),
     "info": ("leanfit.train.info", "versions, devices and which backends can run here"),
+    "cache": ("leanfit.train.cli_cache", "list or clear the converted-model cache (LEANFIT_CACHE)"),
 }
 
 

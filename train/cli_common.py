@@ -6,12 +6,14 @@ model, ...).
 """
 
 import argparse
+import math
 import sys
 
+from .config import MAX_SEED
 from .dtypes import dtype_name
 
 __all__ = ["OneLineParser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fail",
-           "flag_type", "dtype_flag"]
+           "flag_type", "dtype_flag", "seed_int"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -41,8 +43,9 @@ def _number(kind, check, expected):
 
 positive_int = _number(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _number(float, lambda v: v > 0, "a positive number")
-non_negative_float = _number(float, lambda v: v >= 0, "a non-negative number")
+positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive finite number")
+non_negative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a non-negative finite number")
+seed_int = _number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
 
 
 def flag_type(parse, name: str):

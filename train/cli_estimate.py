@@ -5,7 +5,7 @@ import json
 import sys
 from dataclasses import fields
 
-from .architectures import ARCHITECTURES, load_config
+from .architectures import ARCHITECTURES, check_positions, load_config
 from .budget import NothingFits, choose_config
 from .cli_common import OneLineParser, dtype_flag, fail, flag_type, positive_int
 from .estimate import ATTN_IMPLS, DEVICE_KINDS, LOSS_IMPLS, StepConfig, estimate_step
@@ -50,6 +50,7 @@ def build_parser() -> OneLineParser:
 def _choose(args, overrides) -> int:
     if args.memory_budget is None:
         raise ValueError("--choose: expected --memory-budget, given none")
+    check_positions(args.block_size, load_config(args.model))
     try:
         choice = choose_config(args.model, args.batch_size * args.block_size, args.block_size, args.memory_budget,
                                device_kind=args.device_kind, optimizer=args.optimizer,
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     try:
         if args.choose:
             return _choose(args, overrides)
-        load_config(args.model)
+        check_positions(args.block_size, load_config(args.model))
         step = StepConfig(**{f.name: getattr(args, f.name) for f in fields(StepConfig)})
         est = estimate_step(step, **overrides)
     except ValueError as e:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from . import config as cfg
+from .cli_cache import CACHE_HELP
 from .cli_common import (
     OneLineParser,
     dtype_flag,
@@ -11,6 +12,7 @@ from .cli_common import (
     non_negative_int,
     positive_float,
     positive_int,
+    seed_int,
 )
 from .outputs import FILES
 from .settings import merge_settings
@@ -34,7 +36,7 @@ def _size(text) -> str:
 def build_parser() -> OneLineParser:
     d = cfg.TrainConfig()
     p = OneLineParser(prog="leanfit finetune",
-                      description="Fine-tune a causal LM on a text corpus, then sample from it.")
+                      description="Fine-tune a causal LM on a text corpus, then sample from it.", epilog=CACHE_HELP)
     add = p.add_argument
 
     def opt(flag, help_, **kw):
@@ -68,10 +70,11 @@ def build_parser() -> OneLineParser:
     opt("--eval-every", "validate every this many steps", type=positive_int)
     opt("--eval-blocks", "validate on the first this many held-out blocks, 0: all", type=non_negative_int)
     opt("--val-fraction", "fraction of blocks held out, last ones, for validation", type=non_negative_float)
-    opt("--seed", "seed of the initial RNG, the data order and sampling", type=non_negative_int)
+    opt("--seed", "seed of the initial RNG, the data order and sampling", type=seed_int)
     opt("--device", "cpu, cuda, cuda:N or auto")
     opt("--out", "output folder")
-    opt("--resume", "continue the run in this folder (its run.json gives the settings not passed here)")
+    opt("--resume", "continue the run in this folder from its newest complete checkpoint, which gives every "
+        "setting not passed here (the model, corpus and block size cannot change)")
     opt("--prompts", "after training, sample continuations of these prompts, one per line",
         none="the embedded prompts")
     opt("--max-length", "tokens per sample, prompt included", type=positive_int)
@@ -83,6 +86,10 @@ def build_parser() -> OneLineParser:
     opt("--memory-budget", "fit this size (e.g. 15GiB): the estimate picks the micro-batch, accumulation "
         "(same tokens per step), chunked loss, checkpointing, autocast; on CUDA it also caps the allocator",
         type=flag_type(_size, "size"))
+    opt("--save-every", "a checkpoint unit every this many steps (500) or minutes (10min), and at the end")
+    opt("--keep-last", "checkpoint units kept (the newest)", type=positive_int)
+    add("--overwrite", action="store_true", default=None,
+        help="a fresh run may replace the outputs of the run already in --out (default: refuse a non-empty --out)")
     add("--dry-run", action="store_true", default=None,
         help="print the memory plan (estimate, or the --memory-budget choice) and stop: no weights, no output")
     add("--memory-snapshot", action="store_true", default=None,
@@ -92,12 +99,15 @@ def build_parser() -> OneLineParser:
     return p
 
 
-def parse_args(argv) -> tuple[cfg.TrainConfig, bool]:
-    """(the run's config, whether this is a dry run) from the command line; ValueError on a bad combination."""
+def parse_args(argv) -> tuple[cfg.TrainConfig, bool, bool]:
+    """(the run's config, dry run?, overwrite?) from the command line; ValueError on a bad combination."""
     flags = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     preset = flags.pop("preset", None)
     dry_run = bool(flags.pop("dry_run", False))
-    return merge_settings(flags, preset), dry_run
+    overwrite = bool(flags.pop("overwrite", False))
+    if overwrite and flags.get("resume"):
+        raise ValueError("--overwrite is for a fresh run; a resumed run continues its own folder")
+    return merge_settings(flags, preset), dry_run, overwrite
 
 
 def print_summary(s: dict):

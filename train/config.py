@@ -1,6 +1,7 @@
 # B batch (sequences per micro-batch), T block size (tokens per sequence), A grad-accum steps
 """One flat training configuration with visible defaults, and run presets that list only their differences."""
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from .dtypes import DTYPES, dtype_name
@@ -9,7 +10,7 @@ from .optim import OPTIMIZERS
 from .optim_backward import check_optimizer_in_backward
 from .units import parse_bytes
 
-__all__ = ["TrainConfig", "PRESETS", "CHOICES", "validate", "from_dict", "to_dict"]
+__all__ = ["TrainConfig", "PRESETS", "CHOICES", "validate", "from_dict", "to_dict", "save_interval", "MAX_SEED"]
 
 
 @dataclass
@@ -48,6 +49,8 @@ class TrainConfig:
     memory_budget: str | None = None  # e.g. "15GiB": pick micro-batch, accumulation and savings that fit
     memory_snapshot: bool = False  # CUDA: dump the allocator history (memory_snapshot.pickle)
     optimizer_in_backward: bool = False  # step each parameter from its gradient hook (no accumulation, no clip)
+    save_every: str = "10min"  # a checkpoint unit every N steps ("500") or minutes ("10min"); and at the end
+    keep_last: int = 2  # units kept in checkpoints/ (the newest ones)
 
 
 PRESETS = {
@@ -69,7 +72,8 @@ CHOICES = {
     "dtype": tuple(DTYPES),
     "loss": (*IMPLS, "hf"),
 }
-POSITIVE_INT = ("batch_size", "grad_accum", "iters", "eval_every", "max_length", "num_return_sequences")
+POSITIVE_INT = ("batch_size", "grad_accum", "iters", "eval_every", "max_length", "num_return_sequences", "keep_last")
+MAX_SEED = 2**63 - 1
 NON_NEGATIVE_INT = ("warmup", "eval_blocks", "seed", "eval_contexts")
 
 
@@ -90,11 +94,13 @@ def validate(config: TrainConfig) -> TrainConfig:
         value = getattr(config, name)
         if not _is_int(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    if not config.lr > 0:
-        raise ValueError(f"lr must be positive, got {config.lr!r}")
-    if not config.clip >= 0:
+    if config.seed > MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {config.seed!r}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ValueError(f"lr must be a positive finite number, got {config.lr!r}")
+    if not (config.clip >= 0 and math.isfinite(config.clip)):
         raise ValueError(f"clip must be >= 0 (0 turns clipping off), got {config.clip!r}")
-    if not config.weight_decay >= 0:
+    if not (config.weight_decay >= 0 and math.isfinite(config.weight_decay)):
         raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
     if not 0 <= config.min_lr_ratio <= 1:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {config.min_lr_ratio!r}")
@@ -113,7 +119,27 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"memory_budget must be a positive size like 15GiB, got {config.memory_budget!r}")
     if config.optimizer_in_backward:
         check_optimizer_in_backward(config.grad_accum, config.clip, config.dtype == "fp16")
+    save_interval(config.save_every)
     return config
+
+
+def save_interval(text: str) -> tuple[str, float]:
+    """("steps", N) or ("minutes", M) from a `save_every` value such as "500" or "10min"."""
+    value = str(text).strip().lower()
+    for unit in ("minutes", "minute", "min", "m"):
+        if value.endswith(unit):
+            number = value[: -len(unit)].strip()
+            try:
+                minutes = float(number)
+            except ValueError:
+                break
+            if minutes > 0 and math.isfinite(minutes):
+                return "minutes", minutes
+            break
+    else:
+        if value.isdigit() and int(value) > 0:
+            return "steps", int(value)
+    raise ValueError(f"save_every: expected a number of steps (e.g. 500) or minutes (e.g. 10min), got {text!r}")
 
 
 def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:

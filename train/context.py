@@ -1,5 +1,5 @@
 """What one fine-tuning run carries from setup to its outputs (`RunContext`), its extension points (`Hooks`),
-and the RNG state a resumed run restores."""
+and the train state a checkpoint unit holds for an exact resume (`train_state`, `restore_train_state`)."""
 
 import random
 import time
@@ -9,12 +9,13 @@ from typing import Callable
 
 import torch
 
+from . import config as cfg
 from .config import TrainConfig
 from .data import BlockLoader
 from .evaluate import finetune_eval_before
 from .step import LossFn
 
-__all__ = ["RunContext", "Hooks", "rng_state", "set_rng_state"]
+__all__ = ["RunContext", "Hooks", "rng_state", "set_rng_state", "train_state", "restore_train_state"]
 
 
 def _eval_before(ctx):
@@ -47,14 +48,19 @@ class RunContext:
     scaler: object
     autocast: object
     corpus_info: dict
+    run_id: str = ""
     step: int = 0
     metrics: list = field(default_factory=list)
     samples: list | None = None
     status: str = "running"
     stop: bool = False
     stop_requested: bool = False
+    saving: bool = False  # a checkpoint is being written: a second Ctrl-C waits for it
+    abort_after_save: bool = False
     started: float = field(default_factory=time.time)
     profiler: object = None  # memory.MemoryProfiler while training
+    last_save: float = field(default_factory=time.time)
+    resumes: list = field(default_factory=list)  # [{"step", "changed": {field: [before, after]}}] per resume
 
     @property
     def params(self):
@@ -76,3 +82,35 @@ def set_rng_state(state: dict):
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_state(ctx: RunContext) -> dict:
+    """Everything besides the weights that an exact resume needs, as `state_files.save_state` takes it."""
+    return {
+        "step": ctx.step,
+        "run_id": ctx.run_id,
+        "optimizer": ctx.optimizer.state_dict(),
+        "scheduler": ctx.scheduler.state_dict(),
+        "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+        "loader": ctx.loader.state_dict(),
+        "rng": rng_state(ctx.device),
+        "config": cfg.to_dict(ctx.config),
+        "corpus_sha256": ctx.corpus_info["sha256"],
+        "metrics": [m for m in ctx.metrics if m["step"] <= ctx.step],
+    }
+
+
+def restore_train_state(ctx: RunContext, state: dict):
+    """Puts a unit's train state (`train_state`) back into a freshly set-up context."""
+    if state["corpus_sha256"] != ctx.corpus_info["sha256"]:
+        raise ValueError(f"the corpus {ctx.corpus_info['path']} is not the one this run trained on (its content "
+                         f"changed since step {state['step']}): resume with the original corpus")
+    ctx.optimizer.load_state_dict(state["optimizer"])
+    ctx.scheduler.load_state_dict(state["scheduler"])
+    if ctx.scaler is not None and state.get("scaler"):
+        ctx.scaler.load_state_dict(state["scaler"])
+    ctx.loader.load_state_dict(state["loader"])
+    ctx.step = int(state["step"])
+    ctx.run_id = state["run_id"]
+    ctx.metrics = list(state["metrics"])
+    set_rng_state(state["rng"])

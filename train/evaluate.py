@@ -16,7 +16,8 @@ prompt's theme list; e.g. `Jonathan stood at the castle door || count, castle, w
 `evaluate_model` returns a JSON-ready dict (`finetune` writes it as eval_before.json / eval_after.json):
     {"schema": "leanfit.evaluate/1", "model": str, "seconds": float,
      "perplexity": float | None, "val_loss": float | None, "val_tokens": int, "val_blocks": int,
-     "probe": {"builtin": PROBE, "heldout": PROBE | None},
+     "probe": {"builtin": PROBE | None, "heldout": PROBE | None, ["skipped": why, when the tokenizer cannot
+               take the probe]},
      "prompts": [{"prompt", "themes", "samples", "distinct_1", "distinct_2", "mean_logprob",
                   "theme_share"}, ...]}
     PROBE = {"n", "accuracy", "balanced_accuracy",
@@ -29,20 +30,23 @@ import math
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write_json
-from .cli_common import OneLineParser, dtype_flag, fail, non_negative_int, positive_int
+from .architectures import check_positions, load_config
+from .atomic import atomic_write_json, check_writable
+from .cli_cache import CACHE_HELP
+from .cli_common import OneLineParser, dtype_flag, fail, non_negative_int, positive_int, seed_int
 from .config import TrainConfig
 from .data import DEFAULT_CORPUS, make_blocks, read_corpus, split_blocks
 from .dtypes import torch_dtype
-from .generate import DEFAULT_PROMPTS, generate_texts, resolve_device
+from .generate import DEFAULT_PROMPTS, check_prompt_lengths, generate_texts, resolve_device
 from .generate import read_prompt_entries as read_prompts
-from .models import load_model
-from .probe import article_probe, article_token_classes, builtin_contexts, heldout_contexts
+from .models import load_model, load_tokenizer, resolve_model
+from .probe import article_probe, article_token_classes, builtin_contexts, heldout_contexts, probe_unsupported
 from .report import write_report
 
 __all__ = [
@@ -242,8 +246,13 @@ def evaluate_model(model, tokenizer, val_blocks=None, prompts=None, *, batch_siz
             total, count = block_nll(model, val_blocks, batch_size)
             result.update(perplexity=math.exp(total / count), val_loss=total / count, val_tokens=count,
                           val_blocks=int(val_blocks.shape[0]))
-        result["probe"]["builtin"] = article_probe(model, tokenizer, builtin_contexts(), batch_size=batch_size)
-        if val_blocks is not None and heldout_per_article:
+        skipped = probe_unsupported(tokenizer)
+        if skipped:
+            warnings.warn(f"the a/an probe is skipped: {skipped}", stacklevel=2)
+            result["probe"]["skipped"] = skipped
+        else:
+            result["probe"]["builtin"] = article_probe(model, tokenizer, builtin_contexts(), batch_size=batch_size)
+        if val_blocks is not None and heldout_per_article and not skipped:
             found = heldout_contexts(val_blocks, tokenizer, max_per_article=heldout_per_article)
             if found:
                 result["probe"]["heldout"] = article_probe(model, tokenizer, found, batch_size=batch_size)
@@ -365,7 +374,7 @@ def format_table(results, diff=True):
 
 def _parser():
     d = TrainConfig()
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=CACHE_HELP)
 
     def add(flag, help_, **kw):
         default = kw.pop("shown", kw.get("default"))
@@ -389,7 +398,7 @@ def _parser():
     add("--max-length", "tokens per sample, prompt included, as in generate", type=positive_int,
         default=d.max_length)
     add("--num-return-sequences", "samples per prompt", type=positive_int, default=d.num_return_sequences)
-    add("--seed", "generation seed", type=non_negative_int, default=d.seed)
+    add("--seed", "generation seed", type=seed_int, default=d.seed)
     add("--device", "cpu, cuda, cuda:N or auto", default="auto")
     add("--dtype", "autocast dtype: fp32 (none), bf16 or fp16; float32, bfloat16, float16 also accepted",
         type=dtype_flag, default="fp32")
@@ -397,15 +406,29 @@ def _parser():
     return p
 
 
-def _run(args):
+def _check(args, names) -> tuple[list | None, str]:
+    """Every check before a weight loads: numbers, the --json path, corpus, prompts, models, positions."""
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.json:
+        check_writable(args.json, "--json")
     prompts = read_prompts(args.prompts) if args.prompts else None
     text = read_corpus(args.corpus or DEFAULT_CORPUS, encoding=args.encoding)
+    for name in names:
+        ref, _ = resolve_model(name)
+        check_positions(args.block_size, load_config(ref))
+        if prompts:
+            check_prompt_lengths(load_tokenizer(name), [p["prompt"] for p in prompts], args.max_length)
+    return prompts, text
+
+
+def _run(args):
+    names = ([args.baseline] if args.baseline else []) + [args.model]
+    prompts, text = _check(args, names)
     device = resolve_device(args.device)
     cast = None if args.dtype == "fp32" else torch_dtype(args.dtype)
     results = []
-    for name in ([args.baseline] if args.baseline else []) + [args.model]:
+    for name in names:
         model, tokenizer = load_model(name, device=device)
         val = split_blocks(make_blocks(text, tokenizer, args.block_size), args.val_fraction)[1]
         val = val[: args.eval_blocks] if args.eval_blocks else val

@@ -2,17 +2,20 @@
 """`leanfit finetune`, the recipe: fine-tune a causal LM on a text corpus, then sample from it.
 
 It only orchestrates; the pieces are libraries beside it:
-- `setup(config)`: model, data, optimizer, schedule and, when resuming, the saved state (nothing written);
+- `run(config)`: every check that needs no weights first (train/preflight.py), then the memory plan
+  (train/planning.py: `--memory-budget`, `--dry-run`), setup, the loop under a memory profiler
+  (train/memory.py), and the run folder's files (train/outputs.py). A CUDA out-of-memory error saves the last
+  step and the memory report and suggests what would fit;
+- `setup(config, checked)`: model, data, optimizer, schedule and, when resuming, the newest complete
+  checkpoint unit's state (nothing written);
 - `train_loop(ctx)`: `train_step` (train/step.py: loss, accumulation, optimizer step), validation every
-  `eval_every` steps, Ctrl-C stops after the current step;
-- `run(config)`: the memory plan first (train/planning.py: `--memory-budget`, `--dry-run`), then setup, the
-  loop under a memory profiler (train/memory.py), and the run folder's files (train/outputs.py). A CUDA
-  out-of-memory error saves the last step and the memory report and suggests what would fit.
+  `eval_every` steps, a checkpoint unit every `save_every` (train/checkpoint.py). Ctrl-C or SIGTERM stops after
+  the current step; no signal interrupts a save.
 `Hooks` (train/context.py) extend it; `main` is the command line (flags in train/cli_finetune.py).
 """
 
 import contextlib
-import json
+import hashlib
 import math
 import os
 import random
@@ -20,23 +23,26 @@ import signal
 import sys
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 
 import torch
 
 from . import config as cfg
+from .checkpoint import SaveError, UnitError, latest_unit
 from .cli_common import fail
 from .cli_finetune import parse_args, print_dry_run, print_summary
-from .context import Hooks, RunContext, set_rng_state
-from .data import DEFAULT_CORPUS, BlockLoader, make_blocks, read_corpus, split_blocks
+from .context import Hooks, RunContext, restore_train_state
+from .data import BlockLoader, make_blocks, split_blocks
 from .dtypes import torch_dtype
-from .generate import resolve_device
 from .memory import MemoryProfiler, apply_memory_cap, rss_peak_bytes
 from .models import load_model
 from .optim import make_optimizer
-from .outputs import summary, write_metrics, write_outputs, write_run_json
-from .planning import check_positions, oom_advice, plan_memory
+from .outputs import summary, write_metrics, write_outputs, write_run_json, write_unit
+from .planning import oom_advice, plan_memory
+from .preflight import Checked, claim_out, preflight
+from .settings import read_run_json, resume_changes, resumed_config
 from .step import (
     LossFn,
     accumulate_gradients,
@@ -57,56 +63,34 @@ class OutOfMemory(RuntimeError):
     """The device ran out of memory during training; the checkpoint and memory report were saved."""
 
 
-def _check_dtype(dtype: str, device: torch.device):
-    if dtype == "bf16" and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:
-            raise ValueError(f"--dtype bf16 needs a GPU of compute capability >= 8.0, this one is {major}.{minor} "
-                             f"(expected --dtype fp16 or fp32)")
+def _resume(ctx: RunContext, resume: Path, unit: Path):
+    state_unit, state, skipped = latest_unit(resume, ctx.run_id, tensors=True)
+    for reason in skipped:
+        print(f"warning: passing over a damaged checkpoint: {reason}", file=sys.stderr, flush=True)
+    if state_unit != unit:
+        raise UnitError(f"{resume}: the newest complete checkpoint changed while the run started ({unit.name} -> "
+                        f"{state_unit.name})")
+    restore_train_state(ctx, state)
+    run = read_run_json(resume)
+    changed = resume_changes(resumed_config(resume), ctx.config)
+    ctx.resumes = list(run.get("resumes", [])) + [{"step": ctx.step, "changed": changed}]
+    print(f"resuming {resume} from {unit.name}" + (f", changed: {changed}" if changed else ""), flush=True)
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list:
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-               if line.strip()]
-    return [r for r in records if r["step"] <= up_to_step]
+def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = None) -> RunContext:
+    """Loads model and corpus blocks, builds the optimizer; restores the newest unit's state when resuming.
 
-
-def _load_train_state(ctx: RunContext, resume: Path):
-    state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=False)
-    ctx.optimizer.load_state_dict(state["optimizer"])
-    ctx.scheduler.load_state_dict(state["scheduler"])
-    if ctx.scaler is not None and state.get("scaler"):
-        ctx.scaler.load_state_dict(state["scaler"])
-    ctx.loader.load_state_dict(state["loader"])
-    ctx.step = int(state["step"])
-    ctx.metrics = _read_metrics(resume / "metrics.jsonl", ctx.step)
-    set_rng_state(state["rng"])
-
-
-def setup(config: cfg.TrainConfig, loss_fn: LossFn | None = None) -> RunContext:
-    """Validates the config, loads model and corpus, builds the optimizer; restores state when resuming.
-
-    Nothing is written here, so a bad input leaves no output behind.
+    `checked` is what `preflight.preflight(config)` found. Nothing is written here.
     """
-    config = cfg.validate(config)
-    device = resolve_device(config.device)
-    _check_dtype(config.dtype, device)
+    device = checked.device
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    corpus_path = Path(config.corpus) if config.corpus else DEFAULT_CORPUS
-    text = read_corpus(corpus_path, config.encoding)
-    resume = Path(config.resume) if config.resume else None
-    if resume is not None and not (resume / "train_state.pt").is_file():
-        raise ValueError(f"--resume expects a run folder with train_state.pt and checkpoint/, got {resume}")
     if config.memory_budget and device.type == "cuda":
         apply_memory_cap(parse_bytes(config.memory_budget), device)
     if config.memory_snapshot and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000)
-    model, tokenizer = load_model(str(resume / "checkpoint") if resume else config.model, device=device)
-    check_positions(config, model.config)
-    blocks = make_blocks(text, tokenizer, config.block_size)
+    model, tokenizer = load_model(checked.model_ref, device=device)
+    blocks = make_blocks(checked.text, tokenizer, config.block_size)
     train_blocks, val_blocks = split_blocks(blocks, config.val_fraction)
     if config.eval_blocks:
         val_blocks = val_blocks[: config.eval_blocks]
@@ -123,12 +107,14 @@ def setup(config: cfg.TrainConfig, loss_fn: LossFn | None = None) -> RunContext:
         loader=loader, optimizer=optimizer, scheduler=make_scheduler(optimizer, config),
         scaler=torch.amp.GradScaler(device.type) if config.dtype == "fp16" else None,
         autocast=torch.autocast(device.type, dtype=torch_dtype(config.dtype), enabled=config.dtype != "fp32"),
-        corpus_info={"path": str(corpus_path), "characters": len(text), "blocks": blocks.shape[0],
+        corpus_info={"path": str(checked.corpus_path), "characters": len(checked.text), "blocks": blocks.shape[0],
                      "train_blocks": train_blocks.shape[0], "val_blocks": val_blocks.shape[0],
-                     "tokens": blocks.numel()},
+                     "tokens": blocks.numel(), "sha256": hashlib.sha256(checked.text.encode()).hexdigest()},
+        run_id=uuid.uuid4().hex,
     )
-    if resume is not None:
-        _load_train_state(ctx, resume)
+    if config.resume:
+        ctx.run_id = read_run_json(config.resume).get("run_id", "")
+        _resume(ctx, Path(config.resume), Path(checked.model_ref))
     return ctx
 
 
@@ -166,24 +152,48 @@ def train_step(ctx: RunContext) -> dict:
 
 
 @contextlib.contextmanager
-def _sigint_stops(ctx: RunContext):
-    """The first Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+def _stop_signals(ctx: RunContext):
+    """The first Ctrl-C (or a SIGTERM) asks the loop to stop after the current step; a second Ctrl-C aborts,
+    but never inside a save (`_no_interrupt`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        if ctx.stop_requested:
+        if ctx.stop_requested and signum == signal.SIGINT:
+            if ctx.saving:
+                ctx.abort_after_save = True
+                return
             raise KeyboardInterrupt
         ctx.stop_requested = True
         print("\ninterrupt: saving a checkpoint and the reports after this step (Ctrl-C again to abort)",
               file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _no_interrupt(ctx: RunContext):
+    """Holds a second Ctrl-C off until the block (a save) is done, then aborts."""
+    ctx.saving = True
+    try:
+        yield
+    finally:
+        ctx.saving = False
+    if ctx.abort_after_save:
+        raise KeyboardInterrupt
+
+
+def _save_due(ctx: RunContext) -> bool:
+    kind, every = cfg.save_interval(ctx.config.save_every)
+    if kind == "steps":
+        return ctx.step % every == 0
+    return time.time() - ctx.last_save >= 60 * every
 
 
 def train_loop(ctx: RunContext, hooks: Hooks):
@@ -195,7 +205,7 @@ def train_loop(ctx: RunContext, hooks: Hooks):
         ctx.metrics.append(record)
         tqdm.write(f"step {ctx.step}: val loss {record['val_loss']:.4f}, val ppl {record['val_ppl']:.2f}")
     bar = tqdm(total=c.iters, initial=ctx.step, desc="finetune", unit="step", dynamic_ncols=True, disable=None)
-    with _sigint_stops(ctx), bar:
+    with bar:
         while ctx.step < c.iters and not ctx.stop_requested:
             profiled = ctx.profiler.step(ctx.step + 1) if ctx.profiler is not None else contextlib.nullcontext()
             with profiled, hooks.wrap_step(ctx) if hooks.wrap_step else contextlib.nullcontext():
@@ -213,6 +223,9 @@ def train_loop(ctx: RunContext, hooks: Hooks):
             for fn in hooks.on_step:
                 fn(ctx, record)
             write_metrics(ctx)
+            if ctx.step < c.iters and not ctx.stop_requested and _save_due(ctx):
+                with _no_interrupt(ctx):
+                    write_unit(ctx)
 
 
 def _handle_oom(ctx: RunContext, message: str, hooks: Hooks):
@@ -227,7 +240,8 @@ def _handle_oom(ctx: RunContext, message: str, hooks: Hooks):
         ctx.profiler.close()
         ctx.profiler.stop_snapshot()
         print(ctx.profiler.table())
-    write_outputs(ctx, "out of memory", hooks.writers)
+    with _no_interrupt(ctx):
+        write_outputs(ctx, "out of memory", hooks.writers)
     advice = oom_advice(ctx.config, ctx.device)
     if advice:
         print(advice)
@@ -239,33 +253,40 @@ def _handle_oom(ctx: RunContext, message: str, hooks: Hooks):
 
 
 def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | None = None,
-        dry_run: bool = False) -> dict:
+        dry_run: bool = False, overwrite: bool = False) -> dict:
     """Fine-tunes `config.model` on `config.corpus` and writes every output to `config.out`.
 
     Args:
-        config: the run's settings (`config.TrainConfig`).
+        config: the run's settings (`config.TrainConfig`); `config.resume` continues a run folder.
         loss_fn: the step's loss (default `step.make_loss_fn(config.loss)`).
         hooks: extension points (`context.Hooks`).
         dry_run: print the memory plan (`planning.plan_memory`) and return before loading weights or writing.
+        overwrite: a fresh run may replace the outputs of whatever run `config.out` holds (else it refuses a
+            folder that is not empty).
     Returns:
         the summary written to run.json: status, out, steps, val_ppl_start, val_ppl_end, ...;
         for a dry run {"status": "dry-run", "config", "plan"}.
     Raises:
-        ValueError on bad input (nothing written), OutOfMemory after saving the last step on a CUDA OOM.
+        ValueError on bad input (nothing written), OutOfMemory after saving the last step on a CUDA OOM,
+        SaveError when a checkpoint cannot be written (the previous one is intact).
     Example:
         >>> run(TrainConfig(iters=40, out="runs/demo"))["val_ppl_end"]
     """
     hooks = hooks or Hooks()
     config = cfg.validate(config)
+    checked = preflight(config, overwrite=overwrite, dry_run=dry_run)
     if dry_run or config.memory_budget:
-        config, plan = plan_memory(config)
+        config, plan = plan_memory(config, checked.model_ref)
         print(plan, flush=True)
         if dry_run:
             return {"status": "dry-run", "config": cfg.to_dict(config), "plan": plan}
-    ctx = setup(config, loss_fn)
+    ctx = setup(config, checked, loss_fn)
     if config.lr >= HIGH_LR:
         warnings.warn(f"lr {config.lr:g} is high for fine-tuning a pretrained model (>= {HIGH_LR:g}); "
                       f"1e-5 to 2e-4 is the usual range", stacklevel=2)
+    removed = claim_out(ctx.out, overwrite, fresh=not config.resume)
+    if removed:
+        print(f"removed from {ctx.out}: {', '.join(removed)}", flush=True)
     for fn in hooks.on_setup:
         fn(ctx)
     if ctx.stop:
@@ -277,7 +298,8 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
                                   snapshot=config.memory_snapshot)
     oom = None
     try:
-        train_loop(ctx, hooks)
+        with _stop_signals(ctx):
+            train_loop(ctx, hooks)
     except KeyboardInterrupt:
         ctx.stop_requested = True
     except torch.OutOfMemoryError as e:
@@ -287,20 +309,21 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
     if oom is not None:
         _handle_oom(ctx, oom, hooks)
     print(ctx.profiler.table(), flush=True)
-    write_outputs(ctx, "interrupted" if ctx.stop_requested else "complete", hooks.writers)
+    with _stop_signals(ctx), _no_interrupt(ctx):
+        write_outputs(ctx, "interrupted" if ctx.stop_requested else "complete", hooks.writers)
     return summary(ctx)
 
 
 def main(argv=None) -> int:
     prog = "leanfit finetune"
     try:
-        config, dry_run = parse_args(argv)
+        config, dry_run, overwrite = parse_args(argv)
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
-            s = run(config, dry_run=dry_run)
+            s = run(config, dry_run=dry_run, overwrite=overwrite)
     except ValueError as e:
         return fail(prog, e)
-    except (FloatingPointError, OutOfMemory) as e:
+    except (FloatingPointError, OutOfMemory, SaveError) as e:
         fail(prog, e)
         return 1
     if s["status"] == "dry-run":

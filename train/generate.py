@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .cli_common import OneLineParser, fail, non_negative_int, positive_float, positive_int
-from .models import load_model
+from .cli_cache import CACHE_HELP
+from .cli_common import OneLineParser, fail, non_negative_int, positive_float, positive_int, seed_int
+from .models import load_model, load_tokenizer
 
 __all__ = ["DEFAULT_PROMPTS", "read_prompts", "read_prompt_entries", "generate_texts", "main"]
 
@@ -48,6 +49,15 @@ def read_prompt_entries(path) -> list[dict]:
 def read_prompts(path) -> list[str]:
     """The prompts of a prompts file, without their theme lists."""
     return [entry["prompt"] for entry in read_prompt_entries(path)]
+
+
+def check_prompt_lengths(tokenizer, prompts, max_length: int, flag: str = "--max-length"):
+    """Raises ValueError when a prompt has `max_length` tokens or more (the samples count the prompt's tokens)."""
+    for prompt in prompts:
+        n = len(tokenizer(prompt)["input_ids"])
+        if n >= max_length:
+            raise ValueError(f"{flag} {max_length} counts the prompt's tokens: the prompt {prompt!r} has {n}, "
+                             f"so expected {flag} {n + 1} or more")
 
 
 def _check(prompts, max_length, num_return_sequences, temperature, top_k, top_p):
@@ -112,7 +122,8 @@ def generate_texts(model, tokenizer, prompts, max_length=30, num_return_sequence
 
 
 def build_parser():
-    p = OneLineParser(prog="leanfit generate", description="Sample continuations of prompts from a causal LM.")
+    p = OneLineParser(prog="leanfit generate", description="Sample continuations of prompts from a causal LM.",
+                      epilog=CACHE_HELP)
     p.add_argument("--model", default="smollm2-135m",
                    help="a checkpoint folder, a cached hub id, or smollm2-135m (embedded) (default: smollm2-135m)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
@@ -125,7 +136,7 @@ def build_parser():
     p.add_argument("--top-k", type=non_negative_int, default=50,
                    help="keep the k likeliest tokens, 0: all (default: 50)")
     p.add_argument("--top-p", type=positive_float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--json", action="store_true", help="print the pipeline-shaped JSON instead of text")
     return p
@@ -164,6 +175,7 @@ def main(argv=None) -> int:
         if args.prompts_file or not prompts:
             prompts += read_prompts(args.prompts_file or DEFAULT_PROMPTS)
         device = resolve_device(args.device)
+        check_prompt_lengths(load_tokenizer(args.model), prompts, args.max_length)
         model, tokenizer = load_model(args.model, device=device)
         results = generate_texts(
             model, tokenizer, prompts, max_length=args.max_length, num_return_sequences=args.num_return_sequences,

@@ -1,7 +1,8 @@
 """What a fine-tuning run writes into its folder: one writer per file, and which files each ending writes.
 
 `write_outputs(ctx, status)` writes the files of a "complete", an "interrupted" or an "out of memory" run;
-`FILES[status]` names them. Each writer replaces its file atomically (train/atomic.py).
+`FILES[status]` names them. Each writer replaces its file atomically (train/atomic.py); the checkpoint is
+one unit with everything a resume needs (train/checkpoint.py).
 """
 
 import json
@@ -9,14 +10,17 @@ import time
 from pathlib import Path
 
 from . import config as cfg
-from .atomic import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
-from .context import rng_state
+from .atomic import atomic_path, atomic_write_json, atomic_write_text
+from .checkpoint import EXPORT, UNITS, save_unit
+from .context import train_state
 from .evaluate import finetune_eval_after
 from .generate import DEFAULT_PROMPTS, format_samples, generate_texts, read_prompts
-from .models import save_checkpoint
 from .report import write_report
 
-__all__ = ["WRITERS", "FILES", "write_outputs", "summary", "write_metrics", "write_run_json"]
+__all__ = ["WRITERS", "FILES", "RUN_SCHEMA", "OWN_FILES", "write_outputs", "summary", "write_metrics",
+           "write_run_json", "write_unit"]
+
+RUN_SCHEMA = "leanfit.run/1"
 
 
 def write_metrics(ctx):
@@ -45,21 +49,10 @@ def write_loss_plot(ctx):
     plt.close(fig)
 
 
-def write_checkpoint(ctx):
-    save_checkpoint(ctx.model, ctx.tokenizer, ctx.out / "checkpoint")
-
-
-def write_train_state(ctx):
-    state = {
-        "step": ctx.step,
-        "optimizer": ctx.optimizer.state_dict(),
-        "scheduler": ctx.scheduler.state_dict(),
-        "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
-        "loader": ctx.loader.state_dict(),
-        "rng": rng_state(ctx.device),
-        "config": cfg.to_dict(ctx.config),
-    }
-    atomic_torch_save(state, ctx.out / "train_state.pt")
+def write_unit(ctx):
+    """A checkpoint unit of the current step (`checkpoints/step-NNNNNN`), and `checkpoint` pointing at it."""
+    save_unit(ctx.out, ctx.model, ctx.tokenizer, train_state(ctx), keep_last=ctx.config.keep_last)
+    ctx.last_save = time.time()
 
 
 def write_samples(ctx):
@@ -93,7 +86,9 @@ def summary(ctx) -> dict:
 
 
 def write_run_json(ctx):
-    atomic_write_json(ctx.out / "run.json", {"config": cfg.to_dict(ctx.config), "summary": summary(ctx)})
+    atomic_write_json(ctx.out / "run.json", {"schema": RUN_SCHEMA, "run_id": ctx.run_id,
+                                             "config": cfg.to_dict(ctx.config), "summary": summary(ctx),
+                                             "resumes": ctx.resumes})
 
 
 def write_memory_report(ctx):
@@ -112,20 +107,22 @@ def write_reports(ctx):
     write_report(ctx.out)
 
 
-_CORE = (write_metrics, write_loss_plot, write_checkpoint, write_train_state)
+_CORE = (write_metrics, write_loss_plot, write_unit)
 WRITERS = {
     "complete": (*_CORE, write_samples, write_run_json, write_memory_report, write_eval_after),
     "interrupted": (*_CORE, write_run_json, write_memory_report, write_reports),
     "out of memory": (*_CORE, write_run_json),  # the memory report is written where the OOM is caught
 }
 _FILES = {
-    write_metrics: ("metrics.jsonl",), write_loss_plot: ("loss.png",), write_checkpoint: ("checkpoint/",),
-    write_train_state: ("train_state.pt",), write_samples: ("samples.md", "samples.jsonl"),
+    write_metrics: ("metrics.jsonl",), write_loss_plot: ("loss.png",), write_unit: (f"{UNITS}/", EXPORT),
+    write_samples: ("samples.md", "samples.jsonl"),
     write_run_json: ("run.json",), write_memory_report: ("memory_report.json", "memory.png"),
     write_eval_after: ("eval_before.json", "eval_after.json", "report.md", "report.html"),
     write_reports: ("report.md", "report.html"),
 }
 FILES = {status: tuple(dict.fromkeys(f for w in writers for f in _FILES[w])) for status, writers in WRITERS.items()}
+OWN_FILES = ("run.json", *dict.fromkeys(f.rstrip("/") for names in _FILES.values() for f in names),
+             "memory_snapshot.pickle")  # what --overwrite may replace: a run's own outputs, nothing else
 
 
 def write_outputs(ctx, status: str, writers: dict | None = None):

@@ -5,25 +5,16 @@ Both read only the model's config (train/architectures.py) and trace the step on
 """
 
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from . import config as cfg
-from .architectures import load_config, max_positions
+from .architectures import check_positions, load_config
 from .budget import NothingFits, choose_for_train_config, train_config_changes
 from .estimate import StepConfig, estimate_step
 from .units import parse_bytes
 
-__all__ = ["check_positions", "device_kind", "step_config", "plan_memory", "oom_advice"]
-
-
-def check_positions(config: cfg.TrainConfig, model_config):
-    """Raises ValueError when a block of block_size tokens exceeds the model's positions."""
-    limit = max_positions(model_config)
-    if limit is not None and config.block_size > limit:
-        raise ValueError(f"--block-size {config.block_size} is more than the model's {limit} positions: "
-                         f"expected --block-size {limit} or less")
+__all__ = ["device_kind", "step_config", "plan_memory", "oom_advice"]
 
 
 def device_kind(name: str) -> str:
@@ -43,12 +34,13 @@ def step_config(config: cfg.TrainConfig, kind: str) -> StepConfig:
     )
 
 
-def plan_memory(config: cfg.TrainConfig) -> tuple[cfg.TrainConfig, str]:
+def plan_memory(config: cfg.TrainConfig, model_ref: str | None = None) -> tuple[cfg.TrainConfig, str]:
     """The estimate's view of `config`, from the model's config alone (no weights, no GPU).
 
     With `config.memory_budget`, the settings are those `budget.choose_for_train_config` picks to fit
     (batch_size * grad_accum sequences per step kept); without, the config is kept and its estimate shown.
     The device kind follows `config.device` (cuda or cuda:N plans for CUDA even on a machine without one).
+    `model_ref` is where the model's config is read (default `config.model`; a resumed run's unit).
 
     Returns:
         (the config to run, the printable plan).
@@ -56,8 +48,8 @@ def plan_memory(config: cfg.TrainConfig) -> tuple[cfg.TrainConfig, str]:
         ValueError: bad input, the block over the model's positions, or `NothingFits` (with the smallest
         configuration's breakdown printed first).
     """
-    model_ref = str(Path(config.resume) / "checkpoint") if config.resume else config.model
-    check_positions(config, load_config(model_ref))
+    model_ref = model_ref or config.model
+    check_positions(config.block_size, load_config(model_ref))
     kind = device_kind(config.device)
     if config.memory_budget is None:
         return config, estimate_step(replace(step_config(config, kind), model=model_ref)).table()

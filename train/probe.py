@@ -38,6 +38,7 @@ import torch
 
 __all__ = [
     "article_token_classes",
+    "probe_unsupported",
     "classify_word_start",
     "builtin_contexts",
     "heldout_contexts",
@@ -140,9 +141,18 @@ def article_token_ids(tokenizer):
     return ids
 
 
+def probe_unsupported(tokenizer) -> str | None:
+    """Why `tokenizer` cannot take the probe (no word-initial " a" and " an" tokens), or None when it can."""
+    try:
+        article_token_ids(tokenizer)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def builtin_prefixes():
     """Returns the built-in context prefixes (each is probed with " a" and with " an")."""
-    text = resources.files("train").joinpath("data", "article_prefixes.json").read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("data", "article_prefixes.json").read_text(encoding="utf-8")
     return json.loads(text)["prefixes"]
 
 

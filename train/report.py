@@ -26,16 +26,23 @@ __all__ = ["write_report", "write_comparison_report", "read_run"]
 SAMPLES_SHOWN = 5
 
 
+def _parse(path: Path, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
 def _read_json(path):
     path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return _parse(path, path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _read_jsonl(path):
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [_parse(path, line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def read_run(run_dir):
