@@ -71,7 +71,8 @@ def lstm_fwd(
     kernel = _lstm_fwd_onchip_kernel if variant == "onchip" else _lstm_fwd_tiled_kernel
     grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
     flags = {"HAS_LENGTHS": has_len, "STORE_GATES": store_gates}
-    kernel[grid](xw, w_hh, h, c, gates, h_n, len_arg, T, B, H, **flags, **cfg)
+    if B:
+        kernel[grid](xw, w_hh, h, c, gates, h_n, len_arg, T, B, H, **flags, **cfg)
     return h, c, (gates if store_gates else None), h_n
 
 
@@ -98,6 +99,8 @@ def lstm_bwd(
     len_arg, has_len = _lengths_arg(lengths, dh)
     grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
     common = {"HAS_LENGTHS": has_len, "RECOMPUTE": recompute, **cfg}
+    if B == 0:
+        return dg, dh, dc
     if variant == "onchip":
         dh0 = torch.full_like(dh, float("nan"))
         dc0 = torch.full_like(dc, float("nan"))
@@ -117,8 +120,8 @@ def _input_projection(x, w_ih, b_ih, b_hh):
         if b is not None:
             bias = b.float() if bias is None else bias + b.float()
     if bias is None:
-        return (x2 @ w_ih.T).view(T, B, -1)
-    return torch.addmm(bias.to(x.dtype), x2, w_ih.T).view(T, B, -1)
+        return (x2 @ w_ih.T).view(T, B, w_ih.shape[0])
+    return torch.addmm(bias.to(x.dtype), x2, w_ih.T).view(T, B, w_ih.shape[0])
 
 
 class FusedLSTMFunction(torch.autograd.Function):
@@ -157,8 +160,8 @@ def _check_args(x, w_hh, w_hr, variant):
         )
     if variant not in VARIANTS:
         raise ValueError(f"fused_lstm: variant must be one of {VARIANTS}, got {variant!r}")
-    if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"fused_lstm: expected x of shape (T, B, I) with T, B >= 1, got {tuple(x.shape)}")
+    if x.dim() != 3 or x.shape[0] == 0:
+        raise ValueError(f"fused_lstm: expected x of shape (T, B, I) with T >= 1, got {tuple(x.shape)}")
     if w_hh.dim() != 2 or w_hh.shape[0] != 4 * w_hh.shape[1]:
         raise ValueError(f"fused_lstm: expected w_hh of shape (4H, H), got {tuple(w_hh.shape)}")
     if x.dtype not in DTYPES:
@@ -189,6 +192,8 @@ def _check_tensors(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths):
     if tuple(lengths.shape) != (B,) or lengths.dtype.is_floating_point:
         raise ValueError(f"fused_lstm: expected integer lengths of shape ({B},), got {lengths.dtype} "
                          f"{tuple(lengths.shape)}")
+    if B == 0:
+        return
     lo, hi = int(lengths.min()), int(lengths.max())
     if not 1 <= lo <= hi <= T:
         raise ValueError(f"fused_lstm: expected lengths in [1, {T}], got min {lo} max {hi}")
@@ -217,7 +222,8 @@ def fused_lstm(
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths: as in `lstm_core.functional.lstm_layer`;
             all tensors share `x`'s dtype (fp32, bf16 or fp16) and device (CUDA, or any
             device under `TRITON_INTERPRET=1`). Rows with `t >= lengths[b]` keep their
-            state and output zeros.
+            state and output zeros. T >= 1; B = 0 launches nothing and returns empty
+            outputs (the weight gradients are then zeros), as `nn.LSTM` does.
         w_hr: projection weights; only None is supported (raises ValueError otherwise).
         recompute: store only `h` and `c` for the backward and recompute the gates
             there (saves the `(T, B, 4H)` fp32 gate buffer, costs one more matmul and

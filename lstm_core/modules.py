@@ -8,25 +8,28 @@ row within its own length, so both directions see the same `lstm_layer`.
 """
 
 import math
-import numbers
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from .checks import (
+    LSTMError,
+    check_dropout,
+    check_flag,
+    check_hx_pair,
+    check_input_like,
+    check_proj_size,
+    check_sequence,
+    check_size,
+    check_state_like,
+)
 from .functional import lstm_cell, lstm_layer
 
 __all__ = ["LSTMCell", "LSTM", "BACKENDS"]
 
 BACKENDS = ("reference", "triton")
-
-
-def _check_size(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def _uniform_(params, hidden_size):
@@ -36,25 +39,18 @@ def _uniform_(params, hidden_size):
             p.uniform_(-bound, bound)
 
 
-def _check_like(name, t, ref):
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name} must have dtype {ref.dtype} like the weights, got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} must be on {ref.device} like the weights, got {t.device}")
-
-
-def _check_shape(name, t, expected):
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"Expected {name} of shape {tuple(expected)}, got {tuple(t.shape)}")
-
-
 class LSTMCell(nn.Module):
-    """Drop-in for `nn.LSTMCell`: `cell(x, (h, c)) -> (h', c')`, batched or unbatched."""
+    """Drop-in for `nn.LSTMCell`: `cell(x, (h, c)) -> (h', c')`, batched or unbatched.
+
+    Bad types raise `TypeError`, bad values `LSTMError` (a `ValueError` and a
+    `RuntimeError`); `hx` is never broadcast, as in `nn.LSTMCell`.
+    """
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
         super().__init__()
-        _check_size("input_size", input_size)
-        _check_size("hidden_size", hidden_size)
+        check_flag("bias", bias)
+        check_size("input_size", input_size)
+        check_size("hidden_size", hidden_size)
         factory = {"device": device, "dtype": dtype}
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size, **factory))
@@ -73,26 +69,44 @@ class LSTMCell(nn.Module):
     def extra_repr(self):
         return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
 
-    def forward(self, input, hx=None):
-        if input.dim() not in (1, 2):
-            raise ValueError(f"LSTMCell: expected input to be 1-D or 2-D, got {input.dim()}-D input")
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"LSTMCell: expected input.size(-1) == {self.input_size}, got {input.shape[-1]}")
-        _check_like("input", input, self.weight_ih)
+    def forward(
+        self,
+        input: torch.Tensor,  # (B, I) or (I,)
+        hx: tuple[torch.Tensor, torch.Tensor] | None = None,  # (B, H) each, or (H,) unbatched
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_forward(input, hx)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
-        state = (x.shape[0], self.hidden_size)
         if hx is None:
-            h = c = x.new_zeros(state)
+            h = c = x.new_zeros(x.shape[0], self.hidden_size)
         else:
-            h, c = hx
-            for name, t in (("hx[0]", h), ("hx[1]", c)):
-                _check_like(name, t, self.weight_ih)
-                _check_shape(name, t, state if batched else state[1:])
-            if not batched:
-                h, c = h.unsqueeze(0), c.unsqueeze(0)
+            h, c = hx if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         h, c = lstm_cell(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+
+    def _check_forward(self, input, hx):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"LSTMCell: expected input to be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise LSTMError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            check_hx_pair("LSTMCell", hx)
+            for idx, t in enumerate(hx):
+                if t.dim() not in (1, 2):
+                    raise LSTMError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {t.dim()}D instead")
+        check_input_like(input, self.weight_ih)
+        if input.shape[-1] != self.input_size:
+            raise LSTMError(f"input has inconsistent input_size: got {input.shape[-1]} expected {self.input_size}")
+        for idx, t in enumerate(hx or ()):
+            if t.dim() != input.dim():
+                raise LSTMError(f"LSTMCell: {input.dim()}-D input needs {input.dim()}-D hx[{idx}], got {t.dim()}-D")
+            check_state_like(f"hx[{idx}]", t, input)
+            if t.dim() == 2 and t.shape[0] != input.shape[0]:
+                raise LSTMError(f"Input batch size {input.shape[0]} doesn't match hidden{idx} batch size {t.shape[0]}")
+            if t.shape[-1] != self.hidden_size:
+                raise LSTMError(
+                    f"hidden{idx} has inconsistent hidden_size: got {t.shape[-1]}, expected {self.hidden_size}"
+                )
 
 
 def _reverse_rows(x, lengths):
@@ -114,14 +128,46 @@ def _layer_fn(backend):
     return fused_lstm
 
 
+def _check_backend(backend, proj_size, dtype):
+    """A known backend, within the fused kernel's limits (no projection; fp32, bf16, fp16)."""
+    if backend not in BACKENDS:
+        raise LSTMError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return
+    from ..kernels.lstm import DTYPES  # deferred: importing kernels.lstm imports Triton
+
+    if proj_size:
+        raise LSTMError(
+            f"backend='triton' does not support a projection: expected proj_size=0, got proj_size={proj_size}; "
+            "use backend='reference' for proj_size > 0"
+        )
+    if dtype not in DTYPES:
+        raise LSTMError(
+            f"backend='triton' runs {', '.join(str(d) for d in DTYPES)}, got {dtype}; "
+            f"use backend='reference' for {dtype}"
+        )
+
+
 class LSTM(nn.Module):
     """Drop-in for `nn.LSTM`, in plain tensor ops.
 
     Args are those of `nn.LSTM`, plus `backend`: `"reference"` (this package's
     autograd loop) or `"triton"` (`kernels.fused_lstm`, CUDA or the Triton
-    interpreter). `forward(input, hx=None)` takes `(T, B, I)`, `(B, T, I)` with
-    `batch_first`, unbatched `(T, I)` or a `PackedSequence`, and returns
-    `(output, (h_n, c_n))` as `nn.LSTM` does.
+    interpreter; no `proj_size`, no fp64). `forward(input, hx=None)` takes
+    `(T, B, I)`, `(B, T, I)` with `batch_first`, unbatched `(T, I)` or a
+    `PackedSequence`, and returns `(output, (h_n, c_n))` as `nn.LSTM` does.
+
+    Errors are those of `nn.LSTM`: `TypeError` for a wrong type (`bias=0`,
+    `batch_first="False"`, `input_size=3.0`), and for a bad value `LSTMError`,
+    which is both the `ValueError` and the `RuntimeError` that `nn.LSTM` raises
+    (wrong state shapes, input size or device, an empty sequence).
+
+    Not a subclass of `nn.LSTM`, so `isinstance(lstm, nn.LSTM)` is False: a
+    subclass would inherit `nn.LSTM`'s private machinery (its `__init__`, `_apply`
+    on every `.to()`, and `flatten_parameters` re-lay the weights into one cuDNN
+    buffer; `_flat_weights`, `__setattr__` and pickling follow its internals).
+    Code that checks the class should accept either,
+    `isinstance(m, (torch.nn.LSTM, LSTM))`; the parameter names are the same.
 
     Example:
         >>> ref = torch.nn.LSTM(8, 16, num_layers=2)
@@ -145,23 +191,18 @@ class LSTM(nn.Module):
         backend="reference",
     ):
         super().__init__()
-        _check_size("input_size", input_size)
-        _check_size("hidden_size", hidden_size)
-        _check_size("num_layers", num_layers)
-        _check_size("proj_size", proj_size, minimum=0)
-        if proj_size >= hidden_size:
-            raise ValueError(f"proj_size must be smaller than hidden_size ({hidden_size}), got {proj_size}")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(
-                f"dropout={dropout} acts between layers, so it does nothing with num_layers=1", stacklevel=2
-            )
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_dropout(dropout, num_layers)
+        check_flag("bias", bias)
+        check_flag("batch_first", batch_first)
+        check_flag("bidirectional", bidirectional, allow_01=True)
+        check_size("input_size", input_size)
+        check_size("hidden_size", hidden_size)
+        check_size("num_layers", num_layers)
+        check_proj_size(proj_size, hidden_size)
+        _check_backend(backend, proj_size, dtype or torch.get_default_dtype())
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional, self.proj_size, self.backend = bidirectional, proj_size, backend
+        self.bidirectional, self.proj_size, self.backend = bool(bidirectional), proj_size, backend
         self.num_directions = 2 if bidirectional else 1
         factory = {"device": device, "dtype": dtype}
         out_size = proj_size or hidden_size
@@ -212,45 +253,53 @@ class LSTM(nn.Module):
         """Returns `x` (T, B, I), `lengths` or None, and how to pack the output back."""
         if isinstance(input, PackedSequence):
             if input.data.dim() != 2:
-                raise ValueError(f"LSTM: expected PackedSequence data to be 2-D, got {input.data.dim()}-D")
+                raise LSTMError(f"LSTM: expected PackedSequence data to be 2-D, got {input.data.dim()}-D")
             x, lengths = pad_packed_sequence(input)
             return x, lengths.to(x.device), input
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"LSTM: expected input to be a Tensor or a PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
-            raise ValueError(
-                f"LSTM: expected input to be 2-D (unbatched) or 3-D (batched), got {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}"
+            raise LSTMError(
+                f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead: 2-D (T, I) unbatched or "
+                f"3-D batched, given shape {tuple(input.shape)}"
             )
         if input.dim() == 2:
             return input.unsqueeze(1), None, "unbatched"
         return (input.transpose(0, 1) if self.batch_first else input), None, "batched"
 
-    def _initial_state(self, hx, batch, kind, like):
-        num = self.num_layers * self.num_directions
-        out_size = self.proj_size or self.hidden_size
-        shapes = ((num, batch, out_size), (num, batch, self.hidden_size))
+    def _initial_state(
+        self,
+        hx: tuple[torch.Tensor, torch.Tensor] | None,  # (L*D, B, P), (L*D, B, H); 2-D when unbatched
+        x: torch.Tensor,  # (T, B, I)
+        kind,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num, batch = self.num_layers * self.num_directions, x.shape[1]
+        shapes = ((num, batch, self.proj_size or self.hidden_size), (num, batch, self.hidden_size))
         if hx is None:
-            return tuple(like.new_zeros(s) for s in shapes)
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise ValueError(f"LSTM: expected hx to be a tuple (h_0, c_0), got {type(hx).__name__}")
+            return tuple(x.new_zeros(s) for s in shapes)
+        check_hx_pair("LSTM", hx)
+        unbatched = kind == "unbatched"
+        dims = tuple(t.dim() for t in hx)
+        if dims != ((2, 2) if unbatched else (3, 3)):
+            layout = "unbatched 2-D input, hx and cx should also be 2-D" if unbatched else (
+                "batched 3-D input, hx and cx should also be 3-D")
+            raise LSTMError(f"For {layout} but got ({dims[0]}-D, {dims[1]}-D) tensors")
         states = []
-        for name, t, shape in zip(("h_0", "c_0"), hx, shapes):
-            _check_like(name, t, like)
-            if kind == "unbatched":
-                if t.dim() != 2:
-                    raise ValueError(f"LSTM: unbatched input needs 2-D {name}, got {t.dim()}-D")
-                _check_shape(name, t, (shape[0], shape[2]))
-                t = t.unsqueeze(1)
-            else:
-                _check_shape(name, t, shape)
-            states.append(t)
+        for idx, (name, t, shape) in enumerate(zip(("h_0", "c_0"), hx, shapes)):
+            check_state_like(name, t, x)
+            expected = (shape[0], shape[2]) if unbatched else shape
+            if tuple(t.shape) != expected:
+                raise LSTMError(f"Expected hidden[{idx}] ({name}) size {expected}, got {tuple(t.shape)}")
+            states.append(t.unsqueeze(1) if unbatched else t)
         return tuple(states)
 
     def forward(self, input, hx=None):
         x, lengths, kind = self._unpack_input(input)
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"LSTM: expected input.size(-1) == {self.input_size}, got {x.shape[-1]}")
-        _check_like("input", x, self.weight_ih_l0)
-        h0, c0 = self._initial_state(hx, x.shape[1], kind, self.weight_ih_l0)
+        check_input_like(x, self.weight_ih_l0)
+        check_sequence(x, self.input_size)
+        if self.backend == "triton":
+            _check_backend(self.backend, self.proj_size, x.dtype)
+        h0, c0 = self._initial_state(hx, x, kind)
         layer_fn = _layer_fn(self.backend)
         h_n, c_n = [], []
         for layer in range(self.num_layers):

@@ -102,6 +102,20 @@ def test_forward_without_grad_matches_reference(variant, device):
         assert_close(name, r, o, table=TOL)
 
 
+@pytest.mark.parametrize("variant", ["onchip", "tiled"])
+def test_empty_batch_matches_reference(variant, device):
+    """B = 0 launches nothing and returns what the reference returns: empty outputs, zero weight gradients."""
+    inputs = _inputs(4, 0, 6, 40, torch.float32, device)
+    upstream = [torch.randn(s, device=device) for s in ((4, 0, 40), (0, 40), (0, 40))]
+    ref, ref_grads = _run(lstm_layer, inputs, upstream)
+    out, grads = _run(fused_lstm, inputs, upstream, variant=variant, block_n=32, block_k=32)
+    for name, r, o in zip(("out", "h_n", "c_n"), ref, out):
+        assert_close(name, r, o, table=TOL)
+    for name, r, o in zip(NAMES, ref_grads, grads):
+        assert_close(f"d{name}", r, o, table=TOL)
+    assert not any(g.any() for g in grads[3:])
+
+
 def _twin_lstms(device, **kwargs):
     ref = LSTM(backend="reference", device=device, **kwargs)
     fused = LSTM(backend="triton", device=device, **kwargs)
