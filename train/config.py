@@ -4,6 +4,7 @@
 from dataclasses import asdict, dataclass, fields, replace
 
 from .dtypes import DTYPES, dtype_name
+from .gpus import gpu_card
 from .lm_loss import IMPLS
 from .optim import OPTIMIZERS
 from .optim_backward import check_optimizer_in_backward
@@ -48,6 +49,7 @@ class TrainConfig:
     memory_budget: str | None = None  # e.g. "15GiB": pick micro-batch, accumulation and savings that fit
     memory_snapshot: bool = False  # CUDA: dump the allocator history (memory_snapshot.pickle)
     optimizer_in_backward: bool = False  # step each parameter from its gradient hook (no accumulation, no clip)
+    gpu: str | None = None  # a card of train/gpus.py: plan for it (budget, dtype, attention), refuse another one
 
 
 PRESETS = {
@@ -113,7 +115,22 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"memory_budget must be a positive size like 15GiB, got {config.memory_budget!r}")
     if config.optimizer_in_backward:
         check_optimizer_in_backward(config.grad_accum, config.clip, config.dtype == "fp16")
+    if config.gpu is not None:
+        config = _check_gpu(config)
     return config
+
+
+def _check_gpu(config: TrainConfig) -> TrainConfig:
+    try:
+        card = gpu_card(config.gpu)
+    except ValueError as e:
+        raise ValueError(f"gpu: {e}") from None
+    if config.device == "cpu":
+        raise ValueError(f"gpu {card.name}: a CUDA card, expected --device cuda, cuda:N or auto, given cpu")
+    if config.dtype == "bf16" and not card.bf16:
+        raise ValueError(f"dtype bf16: the {card.name} has no bf16 (compute capability "
+                         f"{'.'.join(map(str, card.capability))}); expected --dtype fp16 or fp32")
+    return replace(config, gpu=card.name)
 
 
 def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:

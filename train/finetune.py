@@ -36,7 +36,7 @@ from .memory import MemoryProfiler, apply_memory_cap, rss_peak_bytes
 from .models import load_model
 from .optim import make_optimizer
 from .outputs import summary, write_metrics, write_outputs, write_run_json
-from .planning import check_positions, oom_advice, plan_memory
+from .planning import check_gpu, check_positions, oom_advice, plan_memory
 from .step import (
     LossFn,
     accumulate_gradients,
@@ -257,7 +257,9 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
     """
     hooks = hooks or Hooks()
     config = cfg.validate(config)
-    if dry_run or config.memory_budget:
+    if config.gpu and not dry_run:
+        check_gpu(config, resolve_device(config.device))
+    if dry_run or config.memory_budget or config.gpu:
         config, plan = plan_memory(config)
         print(plan, flush=True)
         if dry_run:
