@@ -1,10 +1,12 @@
 # B micro-batch (sequences), T block (tokens), A gradient accumulation steps
 """Choose training settings that fit a memory budget, by the estimate (train/estimate.py); no CLI here.
 
-Settings are tried from the least to the most costly in speed (`LEVELS`). On CUDA the chunked loss and bf16
+Settings are tried from the least to the most costly in speed (`levels`). On CUDA the chunked loss and bf16
 autocast come first (both save memory and neither slows a GPU step: autocast speeds it up), then gradient
 checkpointing (about a third more compute), then, when one micro-batch is the whole step, the optimizer step
-in the backward. On the CPU: the full-logits fp32 loss, the chunked loss, checkpointing, optimizer in
+in the backward. On a card without bf16 (`gpu`, train/gpus.py) fp16 autocast with a gradient scaler takes
+its place, and the optimizer step in the backward is never tried (the scaler unscales and checks every
+gradient at once). On the CPU: the full-logits fp32 loss, the chunked loss, checkpointing, optimizer in
 backward. At each, the largest micro-batch B that divides the requested batch and fits is found
 (A = batch / B keeps the tokens per step); the first settings reaching `min_micro_tokens` tokens per
 micro-batch (or the whole batch) win, else those with the largest B.
@@ -16,18 +18,26 @@ is used to guess; the guess is then traced, and so is the next larger divisor to
 from dataclasses import asdict, dataclass, replace
 
 from .estimate import Estimate, StepConfig, estimate_step
+from .gpus import gpu_card
 from .units import format_bytes
 
 _CHUNKED = {"loss_impl": "chunked"}
-_AMP = {"loss_impl": "chunked", "autocast": "bf16"}
 _CKPT = {"grad_checkpointing": True}
 _OIB = {"grad_checkpointing": True, "optimizer_in_backward": True}
+
+
+def _cuda_levels(autocast):
+    amp = {"loss_impl": "chunked", "autocast": autocast}
+    levels = [(f"chunked loss + {autocast} autocast", amp),
+              (f"chunked loss + {autocast} autocast + grad checkpointing", {**amp, **_CKPT})]
+    if autocast != "fp16":
+        levels.append((f"chunked loss + {autocast} autocast + grad checkpointing + optimizer in backward",
+                       {**amp, **_OIB}))
+    return tuple(levels)
+
+
 LEVELS = {
-    "cuda": (
-        ("chunked loss + bf16 autocast", _AMP),
-        ("chunked loss + bf16 autocast + grad checkpointing", {**_AMP, **_CKPT}),
-        ("chunked loss + bf16 autocast + grad checkpointing + optimizer in backward", {**_AMP, **_OIB}),
-    ),
+    "cuda": _cuda_levels("bf16"),
     "cpu": (
         ("fp32 + full logits", {}),
         ("chunked loss", _CHUNKED),
@@ -127,9 +137,16 @@ def _largest_fitting(base, batch, budget, est, min_b=1):
     return known[divs[i]], None
 
 
+def levels_for(device_kind, gpu=None):
+    """The settings `choose_config` tries on `device_kind`, or on the card `gpu` (bf16, else fp16 autocast)."""
+    if gpu is not None:
+        return _cuda_levels("bf16" if gpu_card(gpu).bf16 else "fp16")
+    return LEVELS[device_kind]
+
+
 def choose_config(model, target_tokens_per_step, block_size, budget_bytes, device_kind="cuda", *,
                   optimizer="adamw", dtype="fp32", allow_optimizer_in_backward=True, min_micro_tokens=4096,
-                  estimate_kwargs=None, levels=None):
+                  estimate_kwargs=None, levels=None, gpu=None):
     """Picks the settings and micro-batch that fit `budget_bytes`, keeping the tokens per optimizer step.
 
     Args:
@@ -141,7 +158,8 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
         allow_optimizer_in_backward: whether the last resort may step in the backward (it forbids clipping).
         min_micro_tokens: tokens per micro-batch considered efficient enough to stop trying further savings.
         estimate_kwargs: passed to `estimate_step` (cuda_context_bytes, allocator_margin, ...).
-        levels: ((name, StepConfig fields), ...) to try in order; default `LEVELS[device_kind]`.
+        levels: ((name, StepConfig fields), ...) to try in order; default `levels_for(device_kind, gpu)`.
+        gpu: a card of train/gpus.py (device_kind is then "cuda"): its dtypes and attention kernel.
 
     Returns:
         A `Choice`.
@@ -169,10 +187,12 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
             cache[key] = estimate_step(cfg, **kwargs)
         return cache[key]
 
+    if gpu is not None:
+        gpu, device_kind = gpu_card(gpu).name, "cuda"
     base = StepConfig(model=model, batch_size=1, block_size=block_size, dtype=dtype, optimizer=optimizer,
-                      device_kind=device_kind)
+                      device_kind=device_kind, gpu=gpu).validate()
     results, smallest = [], None
-    for name, settings in levels or LEVELS[device_kind]:
+    for name, settings in levels or levels_for(device_kind, gpu):
         if settings.get("optimizer_in_backward") and not allow_optimizer_in_backward:
             continue
         cfg = replace(base, **settings)
@@ -204,13 +224,13 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
 def choose_for_train_config(config, budget_bytes, device_kind="cuda", **kwargs):
     """`choose_config` for a `TrainConfig`: keeps its batch_size * grad_accum sequences of block_size tokens per step.
 
-    The optimizer step in the backward is allowed only when clipping is off (`config.clip == 0`). `kwargs` go
-    to `choose_config` (min_micro_tokens, estimate_kwargs, levels).
+    The optimizer step in the backward is allowed only when clipping is off (`config.clip == 0`); `config.gpu`
+    names the card. `kwargs` go to `choose_config` (min_micro_tokens, estimate_kwargs, levels).
     """
     tokens = config.block_size
     return choose_config(config.model, config.batch_size * config.grad_accum * tokens, tokens, budget_bytes,
                          device_kind, optimizer=config.optimizer,
-                         allow_optimizer_in_backward=not config.clip, **kwargs)
+                         allow_optimizer_in_backward=not config.clip, gpu=config.gpu, **kwargs)
 
 
 def train_config_changes(choice):
@@ -223,3 +243,18 @@ def train_config_changes(choice):
     if c.autocast:
         changes["dtype"] = c.autocast
     return changes
+
+
+def finetune_args(choice, gpu=None) -> list:
+    """The `leanfit finetune` arguments that run `choice` (on the card `gpu`): model, block, micro-batch,
+    accumulation, dtype, loss, checkpointing, optimizer (in the backward: with clipping off)."""
+    c, changes = choice.config, train_config_changes(choice)
+    args = ["--model", str(c.model)] + (["--gpu", gpu] if gpu else [])
+    args += ["--block-size", str(c.block_size), "--batch-size", str(changes["batch_size"]),
+             "--grad-accum", str(changes["grad_accum"]), "--dtype", changes.get("dtype", "fp32"),
+             "--loss", changes.get("loss", c.loss_impl), "--optimizer", c.optimizer]
+    if c.grad_checkpointing:
+        args.append("--grad-checkpointing")
+    if c.optimizer_in_backward:
+        args += ["--optimizer-in-backward", "--clip", "0"]
+    return args

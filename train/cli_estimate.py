@@ -2,13 +2,15 @@
 
 import contextlib
 import json
+import shlex
 import sys
 from dataclasses import fields
 
 from .architectures import ARCHITECTURES, check_positions, load_config
-from .budget import NothingFits, choose_config
+from .budget import NothingFits, choose_config, finetune_args
 from .cli_common import OneLineParser, dtype_flag, fail, flag_type, positive_int
 from .estimate import ATTN_IMPLS, DEVICE_KINDS, LOSS_IMPLS, StepConfig, estimate_step
+from .gpus import GPUS, gpu_card
 from .optim import OPTIMIZERS
 from .units import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, MiB, parse_bytes
 
@@ -33,10 +35,14 @@ def build_parser() -> OneLineParser:
     p.add_argument("--optimizer-in-backward", action="store_true")
     p.add_argument("--device", dest="device_kind", default="cuda", choices=DEVICE_KINDS)
     p.add_argument("--attn", dest="attn_implementation", default="sdpa", choices=ATTN_IMPLS)
+    p.add_argument("--gpu", type=flag_type(lambda text: gpu_card(text).name, "gpu"), default=None,
+                   help=f"plan for this card ({', '.join(GPUS)}; `leanfit info --gpu` lists them): its usable memory "
+                   "is the default --memory-budget, its dtypes and attention kernel shape the plan")
     p.add_argument("--memory-budget", type=flag_type(parse_bytes, "size"), default=None,
-                   help="e.g. 15GiB, 14.75GiB, 800MiB, 16GB")
+                   help="e.g. 15GiB, 14.75GiB, 800MiB, 16GB (default: the --gpu card's usable memory, else none)")
     p.add_argument("--choose", action="store_true", help="choose the settings that fit --memory-budget, "
-                   "keeping batch-size x block-size tokens per optimizer step")
+                   "keeping batch-size x block-size tokens per optimizer step, and print them as a "
+                   "`leanfit finetune` command")
     p.add_argument("--no-optimizer-in-backward", dest="allow_oib", action="store_false",
                    help="with --choose: never step in the backward (keeps gradient accumulation and clipping)")
     p.add_argument("--cuda-context", type=flag_type(parse_bytes, "size"), default=None,
@@ -47,33 +53,51 @@ def build_parser() -> OneLineParser:
     return p
 
 
-def _choose(args, overrides) -> int:
+def _choose(args, overrides, header) -> int:
     if args.memory_budget is None:
-        raise ValueError("--choose: expected --memory-budget, given none")
+        raise ValueError("--choose: expected --memory-budget or --gpu, given neither")
     check_positions(args.block_size, load_config(args.model))
     try:
         choice = choose_config(args.model, args.batch_size * args.block_size, args.block_size, args.memory_budget,
                                device_kind=args.device_kind, optimizer=args.optimizer,
-                               allow_optimizer_in_backward=args.allow_oib, estimate_kwargs=overrides)
+                               allow_optimizer_in_backward=args.allow_oib, estimate_kwargs=overrides, gpu=args.gpu)
     except NothingFits as e:
         print(json.dumps(e.to_dict()) if args.json else e.estimate.table(args.memory_budget))
         return fail(PROG, e)
-    print(json.dumps(choice.to_dict()) if args.json else choice.describe())
+    command = shlex.join(["leanfit", "finetune", *finetune_args(choice, args.gpu)])
+    if args.json:
+        print(json.dumps({**choice.to_dict(), "finetune_command": command}))
+    else:
+        print(f"{header}{choice.describe()}\nas a fine-tuning run (add --corpus FILE for your text; the estimate is "
+              f"not a GPU measurement):\n  {command}")
     return 0
+
+
+def _apply_gpu(args) -> str:
+    """Checks --gpu against --device and makes the card's usable memory the default budget; the card's line."""
+    if args.gpu is None:
+        return ""
+    if args.device_kind != "cuda":
+        raise ValueError(f"--gpu {args.gpu}: expected --device cuda, given --device {args.device_kind}")
+    card = GPUS[args.gpu]
+    if args.memory_budget is None:
+        args.memory_budget = card.usable_bytes
+    return f"gpu {card.name}: {card.describe()}\n"
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {"cuda_context_bytes": args.cuda_context, "allocator_margin": args.allocator_margin}
     try:
+        header = _apply_gpu(args)
         if args.choose:
-            return _choose(args, overrides)
+            return _choose(args, overrides, header)
         check_positions(args.block_size, load_config(args.model))
         step = StepConfig(**{f.name: getattr(args, f.name) for f in fields(StepConfig)})
         est = estimate_step(step, **overrides)
     except ValueError as e:
         return fail(PROG, e)
-    print(json.dumps(est.to_dict(args.memory_budget)) if args.json else est.table(args.memory_budget))
+    print(json.dumps(est.to_dict(args.memory_budget)) if args.json else header + est.table(args.memory_budget))
     return 0
 
 

@@ -14,6 +14,7 @@ from .cli_common import (
     positive_int,
     seed_int,
 )
+from .gpus import GPUS, gpu_card
 from .outputs import FILES
 from .settings import merge_settings
 from .units import parse_bytes
@@ -96,6 +97,9 @@ def build_parser() -> OneLineParser:
         help="CUDA: record the allocator history into memory_snapshot.pickle (pytorch.org/memory_viz)")
     add("--optimizer-in-backward", action="store_true", default=None,
         help="step each parameter in the backward and free its gradient; needs --grad-accum 1 and --clip 0")
+    opt("--gpu", f"the card this runs on ({', '.join(GPUS)}; `leanfit info --gpu` lists them): its usable memory "
+        "is the default --memory-budget, its dtypes and attention kernel shape the plan, and a run on another "
+        "card is refused", type=flag_type(lambda text: gpu_card(text).name, "gpu"))
     return p
 
 

@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from .dtypes import DTYPES, dtype_name
+from .gpus import gpu_card
 from .lm_loss import IMPLS
 from .optim import OPTIMIZERS
 from .optim_backward import check_optimizer_in_backward
@@ -51,6 +52,7 @@ class TrainConfig:
     optimizer_in_backward: bool = False  # step each parameter from its gradient hook (no accumulation, no clip)
     save_every: str = "10min"  # a checkpoint unit every N steps ("500") or minutes ("10min"); and at the end
     keep_last: int = 2  # units kept in checkpoints/ (the newest ones)
+    gpu: str | None = None  # a card of train/gpus.py: plan for it (budget, dtype, attention), refuse another one
 
 
 PRESETS = {
@@ -120,6 +122,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.optimizer_in_backward:
         check_optimizer_in_backward(config.grad_accum, config.clip, config.dtype == "fp16")
     save_interval(config.save_every)
+    if config.gpu is not None:
+        config = _check_gpu(config)
     return config
 
 
@@ -140,6 +144,19 @@ def save_interval(text: str) -> tuple[str, float]:
         if value.isdigit() and int(value) > 0:
             return "steps", int(value)
     raise ValueError(f"save_every: expected a number of steps (e.g. 500) or minutes (e.g. 10min), got {text!r}")
+
+
+def _check_gpu(config: TrainConfig) -> TrainConfig:
+    try:
+        card = gpu_card(config.gpu)
+    except ValueError as e:
+        raise ValueError(f"gpu: {e}") from None
+    if config.device == "cpu":
+        raise ValueError(f"gpu {card.name}: a CUDA card, expected --device cuda, cuda:N or auto, given cpu")
+    if config.dtype == "bf16" and not card.bf16:
+        raise ValueError(f"dtype bf16: the {card.name} has no bf16 (compute capability "
+                         f"{'.'.join(map(str, card.capability))}); expected --dtype fp16 or fp32")
+    return replace(config, gpu=card.name)
 
 
 def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:

@@ -7,8 +7,10 @@ created first (a step on zero gradients), so the traced step is a steady-state o
 `torch.distributed._tools.mem_tracker.MemTracker`, whose peak snapshot splits the tensor memory into
 parameters, gradients, optimizer state, activations and temporaries (train/step_trace.py). See
 train/meta_trace.py for the stand-ins (fused attention, autocast, unpacked sequences) that make `meta`
-allocate like the target device. On CUDA, what the allocator's tensors do not show is added: the cuBLAS
-workspace, the CUDA context and an allocator margin (train/units.py says where each figure comes from).
+allocate like the target device; `StepConfig.gpu` names the card (train/gpus.py) whose compute capability
+decides the attention kernel (default sm_80). On CUDA, what the allocator's tensors do not show is added:
+the cuBLAS workspace, the CUDA context and an allocator margin (train/units.py says where each figure comes
+from).
 The `leanfit estimate` command is train/cli_estimate.py.
 """
 
@@ -16,6 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from .dtypes import dtype_name
+from .gpus import gpu_card
 from .lm_loss import IMPLS
 from .optim import OPTIMIZERS
 from .step_trace import trace_step
@@ -26,6 +29,8 @@ __all__ = ["StepConfig", "Estimate", "estimate_step", "LOSS_IMPLS", "DEVICE_KIND
 LOSS_IMPLS = (*IMPLS, "hf")  # traced as: naive and hf hold the full logits, the others the chunked loss's
 DEVICE_KINDS = ("cuda", "cpu")
 ATTN_IMPLS = ("sdpa", "eager")
+KERNEL_NAMES = {"flash": "flash kernel", "efficient": "memory-efficient kernel", "cpu": "CPU fused kernel",
+                "math": "math path (keeps the T² scores)"}
 
 
 @dataclass
@@ -43,6 +48,7 @@ class StepConfig:
     optimizer_in_backward: bool = False
     device_kind: str = "cuda"
     attn_implementation: str = "sdpa"
+    gpu: str | None = None  # a card of train/gpus.py: its compute capability picks the attention kernel
 
     def validate(self):
         """Checks every field; spells the dtypes canonically. Returns self."""
@@ -60,7 +66,20 @@ class StepConfig:
                 raise ValueError(f"{name}: expected a positive int, given {getattr(self, name)!r}")
         if self.block_size < 2:
             raise ValueError(f"block_size: expected at least 2 tokens, given {self.block_size}")
+        if self.gpu is not None:
+            self._check_gpu()
         return self
+
+    def _check_gpu(self):
+        card = gpu_card(self.gpu)
+        self.gpu = card.name
+        if self.device_kind != "cuda":
+            raise ValueError(f"gpu {card.name}: expected device_kind 'cuda', given {self.device_kind!r}")
+        for name in ("dtype", "autocast"):
+            if getattr(self, name) == "bf16" and not card.bf16:
+                cc = ".".join(map(str, card.capability))
+                raise ValueError(f"{name} bf16: the {card.name} has no bf16 (compute capability {cc}); expected "
+                                 f"fp16 or fp32")
 
     @property
     def traced_loss(self) -> str:
@@ -79,6 +98,7 @@ class Estimate:
     breakdown: dict
     top_modules: list = field(default_factory=list)
     n_params: int = 0
+    attention: dict = field(default_factory=dict)  # SDPA calls by the kernel stood in for
 
     def fits(self, budget_bytes):
         return budget_bytes is None or self.peak_bytes <= budget_bytes
@@ -98,7 +118,8 @@ class Estimate:
             f"model {c.model}: {self.n_params / 1e6:.1f}M params, micro-batch {c.batch_size} x {c.block_size} "
             f"tokens, {c.dtype}" + (f" + autocast {c.autocast}" if c.autocast else "")
             + f", loss {c.loss_impl}, {c.optimizer}" + (" in backward" if c.optimizer_in_backward else "")
-            + (", grad checkpointing" if c.grad_checkpointing else "") + f", {c.device_kind}",
+            + (", grad checkpointing" if c.grad_checkpointing else "") + f", {c.device_kind}"
+            + (f" ({c.gpu})" if c.gpu else ""),
             f"  {'part':<18}{'bytes':>14}  share",
         ]
         for name, n in self.breakdown.items():
@@ -107,10 +128,20 @@ class Estimate:
         if self.top_modules:
             lines.append("  activations kept by module: " + ", ".join(
                 f"{name} {format_bytes(n)}" for name, n in self.top_modules))
+        if self.attention:
+            lines.append("  attention (SDPA): " + ", ".join(
+                f"{KERNEL_NAMES[k]} x{n}" for k, n in sorted(self.attention.items())))
         if budget_bytes is not None:
-            verdict = "fits" if self.fits(budget_bytes) else "does NOT fit"
-            lines.append(f"  {verdict} in the budget of {format_bytes(budget_bytes)}")
+            lines.append("  " + self.verdict(budget_bytes))
         return "\n".join(lines)
+
+    def verdict(self, budget_bytes):
+        """Whether the step fits `budget_bytes`, and by how much it is over or under."""
+        gap = self.peak_bytes - budget_bytes
+        if gap <= 0:
+            return f"fits in the budget of {format_bytes(budget_bytes)}, {format_bytes(-gap)} to spare"
+        return (f"does NOT fit in the budget of {format_bytes(budget_bytes)}: {format_bytes(gap)} over "
+                f"({self.peak_bytes / budget_bytes:.1f}x the budget)")
 
 
 def _env_bytes(name, default):
@@ -152,4 +183,4 @@ def estimate_step(cfg=None, *, cuda_context_bytes=None, cublas_workspace_bytes=N
     breakdown = {**traced["breakdown"], **extra}
     allocated = tensor_peak + extra.get("cublas_workspace", 0)
     return Estimate(cfg, sum(breakdown.values()), tensor_peak, allocated, breakdown, traced["top_modules"],
-                    traced["n_params"])
+                    traced["n_params"], traced["attention"])

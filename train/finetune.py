@@ -275,7 +275,7 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
     hooks = hooks or Hooks()
     config = cfg.validate(config)
     checked = preflight(config, overwrite=overwrite, dry_run=dry_run)
-    if dry_run or config.memory_budget:
+    if dry_run or config.memory_budget or config.gpu:
         config, plan = plan_memory(config, checked.model_ref)
         print(plan, flush=True)
         if dry_run:

@@ -1,12 +1,22 @@
 # B batch, T block (tokens), H heads, D head dim
 """Stand-ins that make a training step traced on the `meta` device allocate what it would on the target device.
 
-- Attention: on `meta`, `scaled_dot_product_attention` takes the math path and keeps the B·H·T² scores.
-  CUDA's flash and memory-efficient kernels keep only the output and a log-sum-exp (B·H·T, fp32), and their
-  backward allocates dq, dk, dv plus fp32 scratch (flash: a dq accumulator and the softmax row sums, see
-  `mha_bwd` in PyTorch's `aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp`). `SdpaStandIn`
-  routes SDPA to the op `leanfit::attention_standin`, which allocates exactly that, whenever the target
-  device would take a fused kernel (on the CPU: whenever `torch._fused_sdp_choice` picks flash).
+- Attention: on `meta`, `scaled_dot_product_attention` takes the math path and keeps the B·H·T² scores. The
+  fused kernels keep only the output and a log-sum-exp. `SdpaStandIn` routes SDPA to the op
+  `leanfit::attention_standin`, which allocates what the kernel the target would take allocates: on CUDA the
+  one `gpus.sdpa_kernel` names for the card's compute capability (PyTorch's dispatch), on the CPU flash when
+  `torch._fused_sdp_choice` picks it. From PyTorch's sources:
+  - flash (`mha_fwd`/`mha_bwd`, aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp): keeps the
+    lse (B, H, T) fp32; the backward adds softmax_d (B, H, T₁₂₈) and a dq accumulator (B, T₁₂₈, H, D₃₂) in
+    fp32 (T₁₂₈: T rounded up to 128), and dk, dv expanded to the query heads under GQA;
+  - memory-efficient (`_efficient_attention_forward` in cuda/attention.cu, `_efficient_attention_backward`
+    in cuda/attention_backward.cu, `AttentionBackwardKernel` in cuda/mem_eff_attention/kernel_backward.h):
+    keeps the lse padded to 32 queries (`kAlignLSE`); fp16/bf16 forwards with a head dim over 128 use an fp32
+    output accumulator; the backward adds delta (B, H, T) fp32 (for fp32 inputs computed as
+    `(grad_out.float() * out.float()).sum(-1)`, a full fp32 product first) and a workspace: per (batch, head)
+    a dq tile accumulator (fp32 tiles of 64 queries (128 above head dim 64) x 64 dims, 16 bytes of lock each),
+    plus for fp16/bf16 above head dim 128 fp32 dk, dv accumulators for each of ceil(T/64) key splits;
+  - on the CPU (the fused CPU kernel): delta like the lse, and a dq accumulator for 16-bit inputs.
 - Autocast: autocast does nothing to `meta` tensors. `AutocastEmulation` is a torch-function mode (above
   autograd, like autocast) that casts the inputs of the autocast lower-precision ops to the autocast dtype
   and of the fp32 ops to fp32 (CUDA or CPU op lists from the "Autocast Op Reference" of the torch.amp docs),
@@ -19,10 +29,15 @@
 """
 
 import contextlib
+from collections import Counter
 
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+
+from .gpus import sdpa_kernel
+
+DEFAULT_CAPABILITY = (8, 0)  # no card named: sm_80, the oldest with flash attention and bf16 (the A100)
 
 LOWER_PRECISION_OPS = frozenset(
     {"__matmul__", "__rmatmul__", "addbmm", "addmm", "addmv", "addr", "baddbmm", "bmm", "chain_matmul",
@@ -52,47 +67,122 @@ CPU_FP32_OPS = frozenset(
 )
 
 
+def _ceil(n, m):
+    return -(-n // m) * m
+
+
+def _lse_length(kernel, t):
+    return _ceil(t, 32) if kernel == "efficient" else t  # kAlignLSE
+
+
 @torch.library.custom_op("leanfit::attention_standin", mutates_args=())
-def attention_standin(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Allocates what a fused attention forward keeps: out (B, H, T, D) and lse (B, H, T) fp32."""
+def attention_standin(q: Tensor, k: Tensor, v: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
+    """Allocates what the fused attention forward `kernel` keeps: out (B, H, T, Dv) and the fp32 lse."""
     raise NotImplementedError("leanfit::attention_standin only traces memory; it has no real kernel")
 
 
 @attention_standin.register_fake
-def _attention_standin_fake(q, k, v):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+def _attention_standin_fake(q, k, v, kernel):
+    b, h, t, _ = q.shape
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(b, h, _lse_length(kernel, t), dtype=torch.float32)
+
+
+def _forward_scratch(kernel, q, v):
+    """The efficient forward's fp32 output accumulator (kNeedsOutputAccumulatorBuffer), or None.
+
+    Allocated around the op rather than in its fake, which runs below the tracker's dispatch mode.
+    """
+    b, h, t, _ = q.shape
+    if kernel == "efficient" and q.element_size() < 4 and v.shape[-1] > 128:
+        return q.new_empty(b, t, h, v.shape[-1], dtype=torch.float32)
+    return None
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
+    ctx.kernel = inputs[3]
+    ctx.mark_non_differentiable(output[1])  # as PyTorch's fused ops' lse: no gradient buffer is made for it
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs[:3], *output)
+
+
+def _flash_scratch(q, k, v):
+    b, h, t, d = q.shape
+    t128 = _ceil(t, 128)
+    scratch = [q.new_empty(b, h, t128, dtype=torch.float32), q.new_empty(b, t128, h, _ceil(d, 32), dtype=torch.float32)]
+    if k.shape[1] != h:
+        scratch += [k.new_empty(b, k.shape[2], h, d), v.new_empty(b, v.shape[2], h, v.shape[-1])]
+    return scratch
+
+
+def _efficient_scratch(q, k, v, out):
+    b, h, t, d = q.shape
+    n, dv = k.shape[2], v.shape[-1]
+    half = q.element_size() < 4
+    block_i, block_j = (64 if max(d, dv) <= 64 else 128), 64
+    floats = -(-t // block_i) * -(-d // block_j) * (4 + block_i * block_j)
+    if half and max(d, dv) > 128:
+        floats += -(-n // block_j) * _ceil(n, block_j) * (_ceil(d, block_i) + _ceil(dv, block_i))
+    product = None if half else torch.empty_like(out, dtype=torch.float32)
+    delta = q.new_empty(b, h, t, dtype=torch.float32)
+    del product
+    return [delta, q.new_empty(b * h * _ceil(floats, 4), dtype=torch.float32)]
+
+
+def _cpu_scratch(q, lse):
+    return [torch.empty_like(lse)] + ([torch.empty_like(q, dtype=torch.float32)] if q.element_size() < 4 else [])
 
 
 def _attention_standin_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    delta = torch.empty_like(lse)
-    dq_accum = torch.empty_like(q, dtype=torch.float32) if q.element_size() < 4 else None
     grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    del delta, dq_accum
-    return grads
+    if ctx.kernel == "flash":
+        scratch = _flash_scratch(q, k, v)
+    elif ctx.kernel == "efficient":
+        scratch = _efficient_scratch(q, k, v, out)
+    else:
+        scratch = _cpu_scratch(q, lse)
+    del scratch
+    return (*grads, None)
 
 
 attention_standin.register_autograd(_attention_standin_backward, setup_context=_setup_context)
 
 
-def _fused_on(device_kind, q, k, v, attn_mask, dropout_p, is_causal, enable_gqa):
-    if device_kind == "cuda":
-        return attn_mask is None and not (enable_gqa and q.dtype == torch.float32)
+def _cuda_kernel(capability, q, k, v, attn_mask, dropout_p, is_causal):
+    dtype = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(q.dtype)
+    if dtype is None:
+        return "math"
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    kernel = sdpa_kernel(capability, dtype, q.shape[-1], v.shape[-1], attn_mask is not None, dropout_p, training,
+                         not is_causal or q.shape[-2] == k.shape[-2])
+    if kernel == "efficient" and k.shape[1] != q.shape[1]:  # the CUTLASS kernels check equal head counts
+        return "math"
+    return kernel
+
+
+def _cpu_fused(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa):
     small = [torch.zeros(1, t.shape[1], 2, t.shape[-1], dtype=t.dtype) for t in (q, k, v)]
     mask = None if attn_mask is None else torch.zeros(1, 1, 2, 2, dtype=attn_mask.dtype)
     return torch._fused_sdp_choice(*small, mask, dropout_p, is_causal, enable_gqa=enable_gqa) != 0
 
 
 class SdpaStandIn(TorchFunctionMode):
-    """Routes `F.scaled_dot_product_attention` to `leanfit::attention_standin` where `device_kind` fuses it."""
+    """Routes `F.scaled_dot_product_attention` to `leanfit::attention_standin` where the target fuses it.
 
-    def __init__(self, device_kind):
+    `capability`: the CUDA card's compute capability (default `DEFAULT_CAPABILITY`); `kernels` counts the calls
+    by the kernel stood in for ("math" calls run as they are).
+    """
+
+    def __init__(self, device_kind, capability=None):
         super().__init__()
         self.device_kind = device_kind
+        self.capability = tuple(capability or DEFAULT_CAPABILITY)
+        self.kernels = Counter()
+
+    def _kernel(self, q, k, v, mask, dropout_p, is_causal, gqa):
+        if self.device_kind == "cuda":
+            return _cuda_kernel(self.capability, q, k, v, mask, dropout_p, is_causal)
+        return "cpu" if _cpu_fused(q, k, v, mask, dropout_p, is_causal, gqa) else "math"
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -101,9 +191,13 @@ class SdpaStandIn(TorchFunctionMode):
             mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
             dropout_p = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
             is_causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
-            gqa = kwargs.get("enable_gqa", False)
-            if _fused_on(self.device_kind, q, k, v, mask, dropout_p, is_causal, gqa):
-                return torch.ops.leanfit.attention_standin(q, k, v)[0]
+            kernel = self._kernel(q, k, v, mask, dropout_p, is_causal, kwargs.get("enable_gqa", False))
+            self.kernels[kernel] += 1
+            if kernel != "math":
+                scratch = _forward_scratch(kernel, q, v)
+                out = torch.ops.leanfit.attention_standin(q, k, v, kernel)[0]
+                del scratch
+                return out
         return func(*args, **kwargs)
 
 

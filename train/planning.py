@@ -12,7 +12,8 @@ from . import config as cfg
 from .architectures import check_positions, load_config
 from .budget import NothingFits, choose_for_train_config, train_config_changes
 from .estimate import StepConfig, estimate_step
-from .units import parse_bytes
+from .gpus import GPUS
+from .units import format_bytes, parse_bytes
 
 __all__ = ["device_kind", "step_config", "plan_memory", "oom_advice"]
 
@@ -30,17 +31,18 @@ def step_config(config: cfg.TrainConfig, kind: str) -> StepConfig:
         model=config.model, batch_size=config.batch_size, block_size=config.block_size,
         autocast=None if config.dtype == "fp32" else config.dtype, loss_impl=config.loss,
         grad_checkpointing=bool(config.grad_checkpointing), optimizer=config.optimizer,
-        optimizer_in_backward=config.optimizer_in_backward, device_kind=kind,
+        optimizer_in_backward=config.optimizer_in_backward, device_kind=kind, gpu=config.gpu,
     )
 
 
 def plan_memory(config: cfg.TrainConfig, model_ref: str | None = None) -> tuple[cfg.TrainConfig, str]:
     """The estimate's view of `config`, from the model's config alone (no weights, no GPU).
 
-    With `config.memory_budget`, the settings are those `budget.choose_for_train_config` picks to fit
-    (batch_size * grad_accum sequences per step kept); without, the config is kept and its estimate shown.
-    The device kind follows `config.device` (cuda or cuda:N plans for CUDA even on a machine without one).
-    `model_ref` is where the model's config is read (default `config.model`; a resumed run's unit).
+    With `config.memory_budget` (default with `config.gpu`: the card's usable memory), the settings are those
+    `budget.choose_for_train_config` picks to fit (batch_size * grad_accum sequences per step kept); without,
+    the config is kept and its estimate shown. The device kind follows `config.device` (cuda or cuda:N plans
+    for CUDA even on a machine without one), and is CUDA with `config.gpu`. `model_ref` is where the model's
+    config is read (default `config.model`; a resumed run's unit).
 
     Returns:
         (the config to run, the printable plan).
@@ -50,17 +52,19 @@ def plan_memory(config: cfg.TrainConfig, model_ref: str | None = None) -> tuple[
     """
     model_ref = model_ref or config.model
     check_positions(config.block_size, load_config(model_ref))
-    kind = device_kind(config.device)
-    if config.memory_budget is None:
+    kind = "cuda" if config.gpu else device_kind(config.device)
+    if config.memory_budget is None and config.gpu is None:
         return config, estimate_step(replace(step_config(config, kind), model=model_ref)).table()
-    budget = parse_bytes(config.memory_budget)
+    budget = parse_bytes(config.memory_budget) if config.memory_budget else GPUS[config.gpu].usable_bytes
+    label = config.memory_budget or f"{format_bytes(budget)} (the {config.gpu}'s usable memory)"
     try:
         choice = choose_for_train_config(replace(config, model=model_ref), budget, kind)
     except NothingFits as e:
         print(e.estimate.table(budget))
         raise
     planned = cfg.validate(replace(config, **train_config_changes(choice)))
-    return planned, f"memory budget {config.memory_budget} on {kind}:\n{choice.describe()}"
+    where = f"{kind} ({config.gpu})" if config.gpu else kind
+    return planned, f"memory budget {label} on {where}:\n{choice.describe()}"
 
 
 def oom_advice(config: cfg.TrainConfig, device: torch.device) -> str | None:

@@ -18,11 +18,12 @@ from .atomic import check_writable
 from .checkpoint import UNITS, UnitError, clean_stale, latest_unit, remove_unit_outputs
 from .data import DEFAULT_CORPUS, read_corpus
 from .generate import DEFAULT_PROMPTS, check_prompt_lengths, read_prompts, resolve_device
+from .gpus import check_properties
 from .models import load_tokenizer, resolve_model
 from .outputs import OWN_FILES, RUN_SCHEMA
 from .settings import read_run_json
 
-__all__ = ["Checked", "preflight", "check_dtype", "claim_out"]
+__all__ = ["Checked", "preflight", "check_dtype", "check_gpu", "claim_out"]
 
 
 @dataclass
@@ -42,6 +43,14 @@ def check_dtype(dtype: str, device: torch.device):
         if major < 8:
             raise ValueError(f"--dtype bf16 needs a GPU of compute capability >= 8.0, this one is {major}.{minor} "
                              f"(expected --dtype fp16 or fp32)")
+
+
+def check_gpu(gpu: str, device: torch.device):
+    """Refuses a run whose `--gpu` is not the card `device` is (ValueError, one line); nothing is loaded."""
+    if device.type != "cuda":
+        raise ValueError(f"--gpu {gpu}: expected to run on that CUDA card, found device {device} "
+                         f"(--dry-run plans without it)")
+    check_properties(gpu, torch.cuda.get_device_properties(device))
 
 
 def _check_loss(loss: str, device: torch.device):
@@ -77,6 +86,8 @@ def preflight(config: cfg.TrainConfig, overwrite: bool = False, dry_run: bool = 
         ValueError (with the flag or file, what was expected and what was given) for the first problem found.
     """
     device = resolve_device(config.device)
+    if config.gpu and not dry_run:
+        check_gpu(config.gpu, device)
     check_dtype(config.dtype, device)
     _check_loss(config.loss, device)
     corpus_path = Path(config.corpus) if config.corpus else DEFAULT_CORPUS

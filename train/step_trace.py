@@ -9,6 +9,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from .architectures import load_config
 from .dtypes import torch_dtype
+from .gpus import GPUS
 from .lm_loss import causal_lm_loss
 from .meta_trace import AutocastEmulation, SdpaStandIn, run_backward, unpacked_sequences
 from .optim import make_optimizer
@@ -65,7 +66,8 @@ def _top_modules(mt, top):
 
 
 def trace_step(cfg, top=5):
-    """Peak breakdown {category: bytes}, top modules and parameter count of one traced step of `cfg`."""
+    """Peak breakdown {category: bytes}, top modules, parameter count and attention calls by kernel of one
+    traced step of `cfg`."""
     model = build_meta_model(load_config(cfg.model), cfg.dtype, cfg.attn_implementation, cfg.grad_checkpointing)
     ids = torch.zeros(cfg.batch_size, cfg.block_size, dtype=torch.long, device="meta")
     opt = make_optimizer(model, cfg.optimizer, cfg.device_kind, in_backward=cfg.optimizer_in_backward, traced=True)
@@ -79,7 +81,8 @@ def trace_step(cfg, top=5):
     mt.track_external(model, *states, ids)
     autocast = AutocastEmulation(torch_dtype(cfg.autocast), cfg.device_kind) if cfg.autocast \
         else contextlib.nullcontext()
-    with warnings.catch_warnings(), unpacked_sequences(), SdpaStandIn(cfg.device_kind), autocast, mt:
+    sdpa = SdpaStandIn(cfg.device_kind, GPUS[cfg.gpu].capability if cfg.gpu else None)
+    with warnings.catch_warnings(), unpacked_sequences(), sdpa, autocast, mt:
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
         loss = causal_lm_loss(model, ids, impl=cfg.traced_loss, all_targets_valid=True)
         if cfg.autocast:
@@ -94,4 +97,5 @@ def trace_step(cfg, top=5):
         if kind != "Total":
             breakdown[_KINDS[str(getattr(kind, "value", kind))]] += n
     n_params = sum(p.numel() for p in model.parameters())
-    return {"breakdown": breakdown, "top_modules": _top_modules(mt, top), "n_params": n_params}
+    return {"breakdown": breakdown, "top_modules": _top_modules(mt, top), "n_params": n_params,
+            "attention": dict(sdpa.kernels)}
