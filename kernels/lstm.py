@@ -14,6 +14,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from .launch import KernelConfig, device_arch, launch
 from .lstm_bwd import _lstm_bwd_onchip_kernel, _lstm_bwd_tiled_kernel
 from .lstm_compat import patch_interpreter_index
 from .lstm_fwd import _lstm_fwd_onchip_kernel, _lstm_fwd_tiled_kernel
@@ -28,23 +29,29 @@ if INTERPRETED:
     patch_interpreter_index()
 
 
-def _config(H, dtype, variant, block_b, block_n, block_k):
+def lstm_variants(H: int, arch: int | None) -> tuple[str, ...]:
+    """The variants `lstm_config` accepts for width `H` on `arch`."""
+    return ("onchip", "tiled") if triton.next_power_of_2(H) <= 128 else ("tiled",)
+
+
+def lstm_config(
+    B: int, H: int, dtype: torch.dtype, arch: int | None, variant: str = "auto", block_b: int = 16,
+    block_n: int | None = None, block_k: int | None = None,
+) -> tuple[str, KernelConfig, KernelConfig]:
+    """The variant and the forward and backward launch configs for a batch of `B` rows of width `H`."""
     if variant == "auto":
         variant = "onchip" if triton.next_power_of_2(H) <= ONCHIP_MAX_H else "tiled"
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    cfg = {"BLOCK_B": block_b, "PRECISION": precision, "DOT_F32": INTERPRETED and dtype == torch.bfloat16}
+    meta = {"BLOCK_B": block_b, "PRECISION": precision, "DOT_F32": INTERPRETED and dtype == torch.bfloat16}
     if variant == "onchip":
-        cfg["BLOCK_H"] = max(16, triton.next_power_of_2(H))
-        cfg["num_warps"] = 8 if cfg["BLOCK_H"] >= 64 else 4
+        meta["BLOCK_H"] = max(16, triton.next_power_of_2(H))
+        meta["num_warps"] = 8 if meta["BLOCK_H"] >= 64 else 4
+        kernels = (_lstm_fwd_onchip_kernel, _lstm_bwd_onchip_kernel)
     else:
-        cfg["BLOCK_N"] = block_n or 64
-        cfg["BLOCK_K"] = block_k or 64
-        cfg["num_warps"] = 4
-    return variant, cfg
-
-
-def _lengths_arg(lengths, fallback):
-    return (lengths, True) if lengths is not None else (fallback, False)
+        meta.update(BLOCK_N=block_n or 64, BLOCK_K=block_k or 64, num_warps=4)
+        kernels = (_lstm_fwd_tiled_kernel, _lstm_bwd_tiled_kernel)
+    grid = (triton.cdiv(B, block_b),)
+    return variant, KernelConfig(kernels[0], grid, meta), KernelConfig(kernels[1], grid, dict(meta))
 
 
 def lstm_fwd(
@@ -52,9 +59,8 @@ def lstm_fwd(
     w_hh: torch.Tensor,  # (4H, H)
     h0: torch.Tensor,  # (B, H)
     c0: torch.Tensor,  # (B, H)
-    lengths: torch.Tensor | None,  # (B,) int32
-    variant: str,
-    cfg: dict,
+    lengths: torch.Tensor,  # (B,) int32, T for every row when none were given
+    cfg: KernelConfig,
     store_gates: bool,
 ):
     """Runs the forward recurrence. Returns `h` (T+1, B, H), `c` (T+1, B, H) fp32,
@@ -67,12 +73,8 @@ def lstm_fwd(
     c[0] = c0
     gates = torch.full((T, B, G), float("nan"), dtype=torch.float32, device=xw.device) if store_gates else c
     h_n = torch.full((B, H), float("nan"), dtype=xw.dtype, device=xw.device)
-    len_arg, has_len = _lengths_arg(lengths, h_n)
-    kernel = _lstm_fwd_onchip_kernel if variant == "onchip" else _lstm_fwd_tiled_kernel
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
-    flags = {"HAS_LENGTHS": has_len, "STORE_GATES": store_gates}
     if B:
-        kernel[grid](xw, w_hh, h, c, gates, h_n, len_arg, T, B, H, **flags, **cfg)
+        launch(cfg, xw, w_hh, h, c, gates, h_n, lengths, T, B, H, STORE_GATES=store_gates)
     return h, c, (gates if store_gates else None), h_n
 
 
@@ -85,9 +87,8 @@ def lstm_bwd(
     dout: torch.Tensor,  # (T, B, H)
     dh_n: torch.Tensor,  # (B, H)
     dc_n: torch.Tensor,  # (B, H)
-    lengths: torch.Tensor | None,  # (B,) int32
-    variant: str,
-    cfg: dict,
+    lengths: torch.Tensor,  # (B,) int32, T for every row when none were given
+    cfg: KernelConfig,
 ):
     """Runs the backward recurrence. Returns `dgates` (T, B, 4H) in `h`'s dtype, `dh0`, `dc0` (B, H) fp32."""
     T, B, H = dout.shape
@@ -96,19 +97,16 @@ def lstm_bwd(
     dg = torch.full((T, B, 4 * H), float("nan"), dtype=h.dtype, device=h.device)
     dh = dh_n.float().contiguous()
     dc = dc_n.float().contiguous()
-    len_arg, has_len = _lengths_arg(lengths, dh)
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
-    common = {"HAS_LENGTHS": has_len, "RECOMPUTE": recompute, **cfg}
+    flags = {"RECOMPUTE": recompute}
     if B == 0:
         return dg, dh, dc
-    if variant == "onchip":
+    if cfg.kernel is _lstm_bwd_onchip_kernel:
         dh0 = torch.full_like(dh, float("nan"))
         dc0 = torch.full_like(dc, float("nan"))
-        args = (xw, w_hh, h, c, gates, dout, dh, dc, dg, dh0, dc0, len_arg, T, B, H)
-        _lstm_bwd_onchip_kernel[grid](*args, **common)
+        launch(cfg, xw, w_hh, h, c, gates, dout, dh, dc, dg, dh0, dc0, lengths, T, B, H, **flags)
         return dg, dh0, dc0
     dh, dc = dh.clone(), dc.clone()
-    _lstm_bwd_tiled_kernel[grid](xw, w_hh, h, c, gates, dout, dh, dc, dg, len_arg, T, B, H, **common)
+    launch(cfg, xw, w_hh, h, c, gates, dout, dh, dc, dg, lengths, T, B, H, **flags)
     return dg, dh, dc
 
 
@@ -126,11 +124,11 @@ def _input_projection(x, w_ih, b_ih, b_hh):
 
 class FusedLSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, variant, cfg, store_gates):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, fwd_cfg, bwd_cfg, store_gates):
         xw = _input_projection(x, w_ih, b_ih, b_hh)
-        h, c, gates, h_n = lstm_fwd(xw, w_hh, h0, c0, lengths, variant, cfg, store_gates)
+        h, c, gates, h_n = lstm_fwd(xw, w_hh, h0, c0, lengths, fwd_cfg, store_gates)
         ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, h, c, gates, lengths)
-        ctx.variant, ctx.cfg = variant, cfg
+        ctx.bwd_cfg = bwd_cfg
         return h[1:], h_n, c[-1].to(x.dtype, copy=True)
 
     @staticmethod
@@ -140,7 +138,7 @@ class FusedLSTMFunction(torch.autograd.Function):
         H = w_hh.shape[1]
         xw = _input_projection(x, w_ih, b_ih, b_hh) if gates is None else None
         dout = dout.contiguous()
-        dg, dh0, dc0 = lstm_bwd(xw, w_hh, h, c, gates, dout, dh_n, dc_n, lengths, ctx.variant, ctx.cfg)
+        dg, dh0, dc0 = lstm_bwd(xw, w_hh, h, c, gates, dout, dh_n, dc_n, lengths, ctx.bwd_cfg)
         dg2 = dg.view(T * B, 4 * H)
         need = ctx.needs_input_grad
         dx = (dg2 @ w_ih).view(T, B, I) if need[0] else None
@@ -247,9 +245,12 @@ def fused_lstm(
     _check_args(x, w_hh, w_hr, variant)
     _check_tensors(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
     H = w_hh.shape[1]
-    variant, cfg = _config(H, x.dtype, variant, block_b, block_n, block_k)
-    lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32).contiguous()
+    _, fwd_cfg, bwd_cfg = lstm_config(x.shape[1], H, x.dtype, device_arch(x.device), variant, block_b, block_n,
+                                      block_k)
+    if lengths is None:
+        lengths = torch.full((x.shape[1],), x.shape[0], dtype=torch.int32, device=x.device)
+    lengths = lengths.to(device=x.device, dtype=torch.int32).contiguous()
     args = [t if t is None else t.contiguous() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-    out, h_n, c_n = FusedLSTMFunction.apply(*args, lengths, variant, cfg, needs_grad and not recompute)
+    out, h_n, c_n = FusedLSTMFunction.apply(*args, lengths, fwd_cfg, bwd_cfg, needs_grad and not recompute)
     return out, (h_n, c_n)

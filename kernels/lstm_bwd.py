@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .lstm_compat import device_fn
-from .lstm_fwd import _cell, _dot, _gate_tile, _row_lengths, _tanh
+from .lstm_fwd import _cell, _dot, _gate_tile, _tanh
 
 
 @device_fn
@@ -51,9 +51,9 @@ def _lstm_bwd_onchip_kernel(
     dg_ptr,  # (T, B, 4H) written: gate pre-activation gradients
     dh0_ptr,  # (B, H) fp32, written
     dc0_ptr,  # (B, H) fp32, written
-    len_ptr,  # (B,) int32, read when HAS_LENGTHS
+    len_ptr,  # (B,) int32, each row's length (T where none was given)
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, RECOMPUTE: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -67,7 +67,7 @@ def _lstm_bwd_onchip_kernel(
     w_f = tl.load(w + H * H, mask=wmask, other=0.0)
     w_g = tl.load(w + 2 * H * H, mask=wmask, other=0.0)
     w_o = tl.load(w + 3 * H * H, mask=wmask, other=0.0)
-    n_len = _row_lengths(len_ptr, rows, rmask, T, HAS_LENGTHS, BLOCK_B)
+    n_len = tl.load(len_ptr + rows, mask=rmask, other=0)
     state = rows[:, None] * H + cols[None, :]
     gate = rows[:, None] * 4 * H + cols[None, :]
     dh = tl.load(dhn_ptr + state, mask=mask, other=0.0)
@@ -133,15 +133,15 @@ def _lstm_bwd_tiled_kernel(
     dh_ptr,  # (B, H) fp32: dh_n on entry, dh_0 on exit
     dc_ptr,  # (B, H) fp32: dc_n on entry, dc_0 on exit
     dg_ptr,  # (T, B, 4H) written: gate pre-activation gradients
-    len_ptr,  # (B,) int32, read when HAS_LENGTHS
+    len_ptr,  # (B,) int32, each row's length (T where none was given)
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, RECOMPUTE: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    n_len = _row_lengths(len_ptr, rows, rmask, T, HAS_LENGTHS, BLOCK_B)
+    n_len = tl.load(len_ptr + rows, mask=rmask, other=0)
     xw_ptr += (T - 1) * B * 4 * H
     g_ptr += (T - 1) * B * 4 * H
     dg_ptr += (T - 1) * B * 4 * H
