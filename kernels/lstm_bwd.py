@@ -7,6 +7,11 @@ all steps done afterwards by the caller (derivation in `kernels/README.md`).
 The gates come from the forward's `g_ptr`, or with `RECOMPUTE` from `xw` and
 `h_{t-1}` again. Rows whose sequence has ended (t >= lengths[b]) get zero gate
 gradients and pass `dh`, `dc` through unchanged. Widths as in `lstm_fwd`.
+
+The onchip kernel forms `dh_{t-1}` by adding the four `da_k W_k` products to `dh` already zeroed
+where the row is live (a dead row's `da` is 0, so it keeps `dh`), not by selecting between the new
+and the old `dh` afterwards: with the selection, triton 3.9's LLVM aborts on this kernel (sm_75 all
+dtypes, sm_90 fp32), while both forms compile with triton 3.6.
 """
 
 import triton
@@ -106,11 +111,11 @@ def _lstm_bwd_onchip_kernel(
         tl.store(dgp + H, da_f, mask=mask)
         tl.store(dgp + 2 * H, da_g, mask=mask)
         tl.store(dgp + 3 * H, da_o, mask=mask)
-        dh_prev = _dot(da_i.to(w_i.dtype), w_i, DOT_F32, PRECISION)
-        dh_prev += _dot(da_f.to(w_i.dtype), w_f, DOT_F32, PRECISION)
-        dh_prev += _dot(da_g.to(w_i.dtype), w_g, DOT_F32, PRECISION)
-        dh_prev += _dot(da_o.to(w_i.dtype), w_o, DOT_F32, PRECISION)
-        dh = tl.where(live, dh_prev, dh)
+        dh = tl.where(live, 0.0, dh)
+        dh += _dot(da_i.to(w_i.dtype), w_i, DOT_F32, PRECISION)
+        dh += _dot(da_f.to(w_i.dtype), w_f, DOT_F32, PRECISION)
+        dh += _dot(da_g.to(w_i.dtype), w_g, DOT_F32, PRECISION)
+        dh += _dot(da_o.to(w_i.dtype), w_o, DOT_F32, PRECISION)
         dc = tl.where(live, dc_prev, dc)
         xw_ptr -= B * 4 * H
         g_ptr -= B * 4 * H
