@@ -54,24 +54,26 @@ class RecordedLaunch:
     kwargs: dict
 
 
-_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("leanfit_launch_recorder", default=None)
+_RECORDER: contextvars.ContextVar = contextvars.ContextVar("leanfit_launch_recorder", default=None)
 
 
 def launch(cfg: KernelConfig, *args, **flags) -> None:
     """Runs `cfg.kernel[cfg.grid](*args, **flags, **cfg.meta)`, or records it inside `record_launches()`."""
     kwargs = {**flags, **cfg.meta}
-    recorded = _RECORDER.get()
-    if recorded is not None:
-        recorded.append(RecordedLaunch(cfg.kernel, cfg.grid, args, kwargs))
-        return
-    cfg.kernel[cfg.grid](*args, **kwargs)
+    recorder = _RECORDER.get()
+    if recorder is None:
+        cfg.kernel[cfg.grid](*args, **kwargs)
+    elif recorder[1]:
+        recorder[0].append(RecordedLaunch(cfg.kernel, cfg.grid, args, kwargs))
 
 
 @contextlib.contextmanager
-def record_launches():
-    """Collects the launches made inside the block (as `RecordedLaunch`) instead of running them."""
+def record_launches(keep: bool = True):
+    """Collects the launches made inside the block (as `RecordedLaunch`) instead of running them. With
+    `keep=False` they are dropped, so that nothing holds their tensors: for measuring what the launchers
+    allocate, on `meta` tensors."""
     recorded: list = []
-    token = _RECORDER.set(recorded)
+    token = _RECORDER.set((recorded, keep))
     try:
         yield recorded
     finally:
