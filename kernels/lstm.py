@@ -11,47 +11,17 @@ fp32 inputs use `input_precision="ieee"` (no TF32). Derivations: `kernels/README
 """
 
 import torch
-import triton
-from triton.runtime.interpreter import InterpretedFunction
 
 from .launch import KernelConfig, device_arch, launch
-from .lstm_bwd import _lstm_bwd_onchip_kernel, _lstm_bwd_tiled_kernel
+from .lstm_bwd import _lstm_bwd_onchip_kernel
 from .lstm_compat import patch_interpreter_index
-from .lstm_fwd import _lstm_fwd_onchip_kernel, _lstm_fwd_tiled_kernel
+from .lstm_config import INTERPRETED, VARIANTS, lstm_config
 
 __all__ = ["fused_lstm"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-VARIANTS = ("auto", "onchip", "tiled")
-ONCHIP_MAX_H = 64
-INTERPRETED = isinstance(_lstm_fwd_tiled_kernel, InterpretedFunction)
 if INTERPRETED:
     patch_interpreter_index()
-
-
-def lstm_variants(H: int, arch: int | None) -> tuple[str, ...]:
-    """The variants `lstm_config` accepts for width `H` on `arch`."""
-    return ("onchip", "tiled") if triton.next_power_of_2(H) <= 128 else ("tiled",)
-
-
-def lstm_config(
-    B: int, H: int, dtype: torch.dtype, arch: int | None, variant: str = "auto", block_b: int = 16,
-    block_n: int | None = None, block_k: int | None = None,
-) -> tuple[str, KernelConfig, KernelConfig]:
-    """The variant and the forward and backward launch configs for a batch of `B` rows of width `H`."""
-    if variant == "auto":
-        variant = "onchip" if triton.next_power_of_2(H) <= ONCHIP_MAX_H else "tiled"
-    precision = "ieee" if dtype == torch.float32 else "tf32"
-    meta = {"BLOCK_B": block_b, "PRECISION": precision, "DOT_F32": INTERPRETED and dtype == torch.bfloat16}
-    if variant == "onchip":
-        meta["BLOCK_H"] = max(16, triton.next_power_of_2(H))
-        meta["num_warps"] = 8 if meta["BLOCK_H"] >= 64 else 4
-        kernels = (_lstm_fwd_onchip_kernel, _lstm_bwd_onchip_kernel)
-    else:
-        meta.update(BLOCK_N=block_n or 64, BLOCK_K=block_k or 64, num_warps=4)
-        kernels = (_lstm_fwd_tiled_kernel, _lstm_bwd_tiled_kernel)
-    grid = (triton.cdiv(B, block_b),)
-    return variant, KernelConfig(kernels[0], grid, meta), KernelConfig(kernels[1], grid, dict(meta))
 
 
 def lstm_fwd(
@@ -226,10 +196,11 @@ def fused_lstm(
         recompute: store only `h` and `c` for the backward and recompute the gates
             there (saves the `(T, B, 4H)` fp32 gate buffer, costs one more matmul and
             the recurrent product again).
-        variant: "onchip" keeps `W_hh` in registers (small H), "tiled" streams it in
-            `(block_k, block_n)` tiles every step; "auto" picks onchip for H <= 64.
+        variant: "onchip" keeps `W_hh` on chip (small H: up to 64, 32 on sm_75; wider raises
+            ValueError), "tiled" streams it in `(block_k, block_n)` tiles every step; "auto" picks
+            onchip where it fits. See `kernels/lstm_config.py`.
         block_b, block_n, block_k: batch rows per program and the tiled variant's tiles
-            (powers of two, at least 16).
+            (powers of two, at least 16); by default the tiles suit the GPU's architecture.
 
     Returns:
         `(out, (h_n, c_n))`: `out` (T, B, H), `h_n` and `c_n` (B, H), in `x`'s dtype.
