@@ -247,3 +247,11 @@ def test_onchip_wider_than_it_fits_raises(device):
     args = [t.detach() for t in _inputs(3, 2, 4, 100, torch.float32, device)]
     with pytest.raises(ValueError, match=r"variant='onchip' takes H <= 64"):
         fused_lstm(*args, variant="onchip")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the per-architecture configs are chosen only on CUDA")
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored-gates", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("H", [32, 64, 100, 256, 768, 1024])
+def test_every_width_of_the_compile_gate_runs_on_this_gpu(H, dtype, recompute, device):
+    _check_layer(5, 20, 16, H, dtype, device, lengths=[5, 2] * 10, recompute=recompute)

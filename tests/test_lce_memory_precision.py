@@ -148,3 +148,22 @@ def test_default_memory_above_floor_at_gemma2_head_is_under_a_tenth_of_w(impl, n
 def test_fp32_accumulation_holds_an_fp32_dw(impl):
     above, w_bytes = _memory_above_floor(impl, 256, "fp32", None)
     assert above >= 2 * w_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the per-architecture configs are chosen only on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head", [(576, 49152), (768, 50257), (2304, 256000)], ids=["H576", "H768", "H2304"])
+def test_compile_gate_heads_run_on_this_gpu(head, dtype, device):
+    """The gate's heads at N=2,048 (the vocabulary-split forward) against the fp32 reference."""
+    hdim, v = head
+    h = torch.randn(2048, hdim, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(v, hdim, device=device) / hdim**0.5).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (2048,), device=device)
+    ref = naive_linear_cross_entropy(h, w, y)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    loss = linear_cross_entropy(h, w, y, impl="triton")
+    grads = torch.autograd.grad(loss, (h, w))
+    table = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 5e-2), torch.float16: (5e-3, 1e-2)}
+    assert_close("loss", ref, loss, table=table)
+    for name, r, g in zip(("d_hidden", "d_weight"), ref_grads, grads):
+        assert_close(name, r, g, table=table)
