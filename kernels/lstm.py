@@ -196,9 +196,9 @@ def fused_lstm(
         recompute: store only `h` and `c` for the backward and recompute the gates
             there (saves the `(T, B, 4H)` fp32 gate buffer, costs one more matmul and
             the recurrent product again).
-        variant: "onchip" keeps `W_hh` on chip (small H: up to 64, 32 on sm_75; wider raises
-            ValueError), "tiled" streams it in `(block_k, block_n)` tiles every step; "auto" picks
-            onchip where it fits. See `kernels/lstm_config.py`.
+        variant: "onchip" keeps `W_hh` on chip (small H: up to 64, 32 on sm_75 and for fp32 on
+            sm_86/89; wider raises ValueError), "tiled" streams it in `(block_k, block_n)` tiles
+            every step; "auto" picks onchip where it fits. See `kernels/lstm_config.py`.
         block_b, block_n, block_k: batch rows per program and the tiled variant's tiles
             (powers of two, at least 16); by default the tiles suit the GPU's architecture.
 
