@@ -15,9 +15,8 @@ tensor peak of torch.distributed._tools.mem_tracker.MemTracker, with the inputs 
 tracker so that every provider is charged for them alike; on GPU, torch.cuda.max_memory_allocated.
 
 The big CPU shapes (N=8,192, and Gemma-2 2B's head: H=2,304, V=256,000, bf16, the shape of the Cut
-Cross-Entropy paper's table) take minutes per provider on 2 cores (torch's native loss in bf16 about 13
-minutes at Gemma's head), so they run only with LEANFIT_BENCH_FULL=1 (set by scripts/bench.sh); the smoke
-run (`--benchmark-disable`) uses small shapes.
+Cross-Entropy paper's table) take minutes per provider on 2 cores, so they run only with
+LEANFIT_BENCH_FULL=1 (set by scripts/bench.sh); the smoke run (`--benchmark-disable`) uses small shapes.
 """
 
 import importlib.util
