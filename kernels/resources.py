@@ -47,7 +47,8 @@ LSTM_H = (32, 64, 100, 256, 768, 1024)
 # kernels form is then known to be 16-byte aligned.
 LSTM_T, LSTM_B = 64, 64
 # Output heads (H, V) and the flags their models use: SmolLM2-135M, GPT-2, Gemma-2 2B (final logit softcap 30).
-# "all" turns on every optional input (bias, softcap, label smoothing, the bias gradient) at GPT-2's head.
+# LCE_EXTRA adds every optional input (bias, softcap, label smoothing, the bias gradient) at GPT-2's head and
+# fp32 dW accumulation at Gemma-2's.
 LCE_HEADS = {576: (49152, ()), 768: (50257, ()), 2304: (256000, ("softcap",))}
 LCE_EXTRA = ((768, ("bias", "softcap", "db")), (2304, ("softcap", "fp32acc")))
 # 2,048 tokens (a few sequences) is where the forward splits the vocabulary; the compile does not depend
