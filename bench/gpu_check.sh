@@ -4,7 +4,9 @@
 # Installs this tree as `leanfit` (editable, no network, no dependency changes) over what the GPU machine has
 # (torch 2.11, triton 3.6, transformers 5.17, pytest-benchmark). Liger-Kernel and cut-cross-entropy travel as wheels in .whl/ (see bench/RESULTS.md).
 # Writes one log, machine.txt and the pytest-benchmark JSON under $OUT (the device tool returns 8 files at most) and prints the ratio tables last.
-# Usage (device tool, carry .whl): bash bench/gpu_check.sh     budget: about 9 minutes at most (step limits).
+# The tests step runs every width of the compile gate (LSTM H=32..1024, LCE heads 576/768/2304, fp32/bf16/fp16)
+# on the card, so each per-architecture config in kernels/lstm_config.py and kernels/lce_triton.py is launched once.
+# Usage (device tool, carry .whl): bash bench/gpu_check.sh     budget: about 11 minutes at most (step limits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
@@ -30,11 +32,11 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs one part, logs it, keeps going 
   git rev-parse HEAD 2>/dev/null; date -u; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-step tests 120 python3 -m pytest -q tests/test_fused_lstm.py tests/test_linear_cross_entropy.py tests/test_lm_loss.py \
-  tests/test_finetune.py -k "not slow"
-step bench_lstm 150 python3 -m pytest -q bench/test_bench_lstm.py -k "not cpu" --benchmark-json="$OUT/bench_lstm.json"
-step bench_loss 150 python3 -m pytest -q bench/test_bench_loss.py -k "not cpu" --benchmark-json="$OUT/bench_loss.json"
-step capped_runs 120 python3 bench/gpu_capped_runs.py --quick
+step tests 240 python3 -m pytest -q tests/test_fused_lstm.py tests/test_linear_cross_entropy.py \
+  tests/test_lce_memory_precision.py tests/test_lm_loss.py tests/test_finetune.py -k "not slow"
+step bench_lstm 120 python3 -m pytest -q bench/test_bench_lstm.py -k "not cpu" --benchmark-json="$OUT/bench_lstm.json"
+step bench_loss 180 python3 -m pytest -q bench/test_bench_loss.py -k "not cpu" --benchmark-json="$OUT/bench_loss.json"
+step capped_runs 90 python3 bench/gpu_capped_runs.py --quick
 
 echo "== tables"
 [ -f "$OUT/bench_lstm.json" ] && python3 bench/lstm_gpu_table.py "$OUT/bench_lstm.json" | tee -a "$OUT/gpu_check.log"

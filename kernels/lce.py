@@ -16,6 +16,7 @@ __all__ = ["linear_cross_entropy", "IMPLS"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "chunked", "triton")
+ACCUMULATE = ("param", "fp32")
 
 
 def _check(cond: bool, expected: str, given) -> None:
@@ -23,7 +24,8 @@ def _check(cond: bool, expected: str, given) -> None:
         raise ValueError(f"linear_cross_entropy: expected {expected}, given {given}")
 
 
-def _validate(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_items, chunk_size, impl):
+def _validate(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_items, chunk_size, impl,
+              accumulate):
     for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
         _check(torch.is_tensor(t), f"{name} to be a torch.Tensor", type(t).__name__)
     _check(hidden.dim() in (2, 3), "hidden of shape (N, H) or (B, T, H)", f"shape {tuple(hidden.shape)}")
@@ -61,6 +63,7 @@ def _validate(hidden, weight, target, bias, reduction, label_smoothing, softcap,
         chunk_size,
     )
     _check(impl in IMPLS, f"impl in {IMPLS}", repr(impl))
+    _check(accumulate in ACCUMULATE, f"accumulate in {ACCUMULATE}", repr(accumulate))
 
 
 def _check_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -105,6 +108,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     impl: str = "auto",
     all_targets_valid: bool = False,
+    accumulate: str = "param",
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T + bias` against `target`, without holding the (N, V) logits.
 
@@ -135,6 +139,10 @@ def linear_cross_entropy(
         all_targets_valid: the caller promises every target is in [0, V), none `ignore_index`; the two scans
             of the targets that need their values on the host (the range check, the ignored-row count) are
             skipped. It lets the loss run on `meta` tensors (the memory estimate) and saves a device sync.
+        accumulate: the dtype dW is summed in across row chunks (chunked) or row tiles (Triton): "param",
+            the weight's own dtype, as Cut Cross-Entropy and Liger do, so that a bf16 head needs no fp32
+            copy of its gradient (twice W's size); or "fp32" (fp64 stays fp64), more exact and that much
+            larger. dh and db are summed in fp32 either way.
 
     Returns:
         A 0-dim tensor for "mean"/"sum", else a tensor shaped like target; in hidden's dtype.
@@ -145,7 +153,8 @@ def linear_cross_entropy(
         >>> y = torch.randint(0, 100, (8,))
         >>> linear_cross_entropy(h, w, y).backward()
     """
-    _validate(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_items, chunk_size, impl)
+    _validate(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_items, chunk_size, impl,
+              accumulate)
     vocab, width = weight.shape
     flat_h = hidden.reshape(-1, width)
     flat_t = target.reshape(-1).long()
@@ -157,8 +166,9 @@ def linear_cross_entropy(
         reduction=reduction,
         label_smoothing=float(label_smoothing),
         softcap=None if softcap is None else float(softcap),
-        chunk_size=chunk_size or default_chunk_size(max(n, 1), width, vocab),
+        chunk_size=chunk_size or default_chunk_size(max(n, 1), width, vocab, weight.element_size()),
         all_targets_valid=bool(all_targets_valid),
+        accumulate=accumulate,
     )
     divisor = None
     if num_items is not None:

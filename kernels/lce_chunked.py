@@ -9,8 +9,15 @@ target t and label smoothing e:
     dz/dy = 1 - (z / s)^2
     dh = dy W,   dW = sum_rows dy^T h,   db = sum_rows dy
 
-Rows are processed C at a time; the log-sum-exp is taken in fp32 (fp64 for fp64 inputs), and dW, db
-accumulate in that dtype. Rows whose target is `ignore_index` are dropped before any matmul.
+Rows are processed C at a time; the log-sum-exp is taken in fp32 (fp64 for fp64 inputs), db accumulates in
+that dtype and dW in the weight's dtype (`accumulate="param"`) or that one ("fp32"). Rows whose target is
+`ignore_index` are dropped before any matmul.
+
+16-bit logits come from two 16-bit products: y1 = h W^T rounded to 16 bits, then the residual
+h W^T - y1 (addmm with beta=-1, which adds in fp32 before rounding), so y1 + residual carries about 16
+more bits than y1. One fp32 product would be exact but is several times slower on CPUs with bf16
+instructions; y1 alone is what `F.linear` gives the naive path, and its rounding (|y| 2^-9 for bf16)
+dominated the error of the loss and of dW.
 
 For `mean`/`sum` with gradients wanted, the forward already forms dh, dW, db (unscaled) while each
 chunk's logits are at hand, so the backward is a single in-place scale. For `none` the forward keeps
@@ -34,6 +41,7 @@ class LCEOptions:
     softcap: float | None
     chunk_size: int
     all_targets_valid: bool = False
+    accumulate: str = "param"
 
 
 def no_autocast(device: torch.device):
@@ -44,19 +52,35 @@ def no_autocast(device: torch.device):
 
 
 MIN_CHUNK_ROWS = 256
+# For 16-bit weights a chunk's fp32 logits may take at most this fraction of W's bytes. The chunk's other
+# buffers are a 16-bit copy of them (half as much again) and, with a softcap, fp32 tanh values (as much
+# again), so the memory above the inputs and their gradients stays under 10% of W.
+CHUNK_LOGITS_OF_W = 1 / 32
+# ... but never fewer rows than this: a narrow head's W is small, and each chunk adds one rounding to dW.
+MIN_CAPPED_ROWS = 32
 
 
-def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
+def default_chunk_size(n_rows: int, hidden: int, vocab: int, weight_bytes: int = 4) -> int:
     """Rows per chunk so that a chunk's (C, V) logits take about as many elements as the (N, H) hidden,
-    but at least `MIN_CHUNK_ROWS`: each chunk reads and writes the whole fp32 dW (V, H), so a thinner
-    chunk turns the weight-gradient product into memory traffic (2 C FLOPs per 8 bytes)."""
+    but at least `MIN_CHUNK_ROWS`: each chunk reads and writes the whole dW (V, H), so a thinner chunk
+    turns the weight-gradient product into memory traffic (2 C FLOPs per 8 bytes). For 16-bit weights
+    (`weight_bytes` < 4) memory comes first: the chunk's fp32 logits stay within `CHUNK_LOGITS_OF_W` of
+    W's bytes, which at a large vocabulary (Gemma-2: H=2304, V=256,000) means 32 rows, not 256."""
     rows = max(1, math.ceil(n_rows * hidden / vocab))
-    rows = 1 << (rows - 1).bit_length()
-    return max(1, min(n_rows, max(rows, MIN_CHUNK_ROWS)))
+    rows = max(1 << (rows - 1).bit_length(), MIN_CHUNK_ROWS)
+    if weight_bytes < 4:
+        cap = max(MIN_CAPPED_ROWS, int(hidden * weight_bytes * CHUNK_LOGITS_OF_W / 4))
+        rows = min(rows, 1 << (cap.bit_length() - 1))
+    return max(1, min(n_rows, rows))
 
 
 def acc_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dw_dtype_for(weight_dtype: torch.dtype, accumulate: str) -> torch.dtype:
+    """The dtype dW is summed in: the weight's own ("param"), or at least fp32 ("fp32")."""
+    return weight_dtype if accumulate == "param" else acc_dtype_for(weight_dtype)
 
 
 def _chunk_logits(
@@ -73,7 +97,11 @@ def _chunk_logits(
         else:
             torch.addmm(bias, h, weight.t(), out=out)
     else:
-        out.copy_(torch.nn.functional.linear(h, weight, bias))
+        low = torch.mm(h, weight.t())
+        out.copy_(low)
+        out.add_(low.addmm_(h, weight.t(), beta=-1))
+        if bias is not None:
+            out.add_(bias)
     if softcap is not None:
         torch.div(out, softcap, out=tanh_out).tanh_()
         torch.mul(tanh_out, softcap, out=out)
@@ -111,23 +139,32 @@ def _logit_grad_(
     return p
 
 
+# A 16-bit dW takes each chunk's product g^T h in fp32 slices of this fraction of its rows, rounded once when
+# added: the fp32 slice is 1/32 of W's bytes, and g is not rounded to 16 bits first.
+DW_SLICE_OF_W = 1 / 64
+
+
 def _accumulate_grads(
     g: torch.Tensor,  # (C, V) acc dtype, dloss/dy
     h: torch.Tensor,  # (C, H)
     weight: torch.Tensor,  # (V, H)
     dh_out: torch.Tensor | None,  # (C, H) hidden dtype, written
-    dw: torch.Tensor | None,  # (V, H) acc dtype, accumulated
+    dw: torch.Tensor | None,  # (V, H) acc or weight dtype, accumulated
     db: torch.Tensor | None,  # (V,) acc dtype, accumulated
 ):
-    if dh_out is not None:
-        if g.dtype == weight.dtype:
-            torch.mm(g, weight, out=dh_out)
-        else:
-            dh_out.copy_(g.to(weight.dtype) @ weight)
-    if dw is not None:
-        dw.addmm_(g.t(), h if h.dtype == dw.dtype else h.to(dw.dtype))
     if db is not None:
         db.add_(g.sum(0))
+    if dh_out is not None:
+        torch.mm(g if g.dtype == weight.dtype else g.to(weight.dtype), weight, out=dh_out)
+    if dw is None:
+        return
+    h_acc = h if h.dtype == g.dtype else h.to(g.dtype)
+    if dw.dtype == g.dtype:
+        dw.addmm_(g.t(), h_acc)
+        return
+    step = max(1, math.ceil(dw.shape[0] * DW_SLICE_OF_W))
+    for v0 in range(0, dw.shape[0], step):
+        dw[v0 : v0 + step].add_(torch.mm(g[:, v0 : v0 + step].t(), h_acc))
 
 
 def _row_chunks(n_valid: int, chunk: int):
@@ -177,7 +214,8 @@ def chunked_forward(
     dh = None
     if need[0]:
         dh = torch.empty_like(hidden) if idx is None else torch.zeros_like(hidden)
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
+    dw = torch.zeros(weight.shape, dtype=dw_dtype_for(weight.dtype, opts.accumulate), device=weight.device) \
+        if need[1] else None
     db = torch.zeros(v, dtype=acc, device=weight.device) if need[2] else None
     per_row = opts.reduction == "none"
     losses = hidden.new_zeros(n, dtype=acc) if per_row else None
@@ -221,7 +259,8 @@ def chunked_backward_none(
     buf = hidden.new_empty((chunk, v), dtype=acc)
     tanh_buf = torch.empty_like(buf) if opts.softcap is not None else None
     dh = torch.zeros_like(hidden) if need[0] else None
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
+    dw = torch.zeros(weight.shape, dtype=dw_dtype_for(weight.dtype, opts.accumulate), device=weight.device) \
+        if need[1] else None
     db = torch.zeros(v, dtype=acc, device=weight.device) if need[2] else None
     grad_rows = grad_rows.to(acc)
     for a, b in _row_chunks(n_valid, chunk):

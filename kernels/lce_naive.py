@@ -26,10 +26,11 @@ def naive_linear_cross_entropy(
     chunk_size: int | None = None,
     impl: str = "naive",
     all_targets_valid: bool = False,
+    accumulate: str = "param",
 ) -> torch.Tensor:
     """`F.cross_entropy(F.linear(hidden, weight, bias), target, ...)` with `linear_cross_entropy`'s arguments.
 
-    `chunk_size`, `impl` and `all_targets_valid` are accepted so that either function can be called in the
+    `chunk_size`, `impl`, `all_targets_valid` and `accumulate` are accepted so that either function can be called in the
     other's place; they change nothing here. See `leanfit.kernels.linear_cross_entropy` for the rest.
 
     Example:

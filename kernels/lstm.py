@@ -11,40 +11,17 @@ fp32 inputs use `input_precision="ieee"` (no TF32). Derivations: `kernels/README
 """
 
 import torch
-import triton
-from triton.runtime.interpreter import InterpretedFunction
 
-from .lstm_bwd import _lstm_bwd_onchip_kernel, _lstm_bwd_tiled_kernel
+from .launch import KernelConfig, device_arch, launch
+from .lstm_bwd import _lstm_bwd_onchip_kernel
 from .lstm_compat import patch_interpreter_index
-from .lstm_fwd import _lstm_fwd_onchip_kernel, _lstm_fwd_tiled_kernel
+from .lstm_config import INTERPRETED, VARIANTS, lstm_config
 
 __all__ = ["fused_lstm"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-VARIANTS = ("auto", "onchip", "tiled")
-ONCHIP_MAX_H = 64
-INTERPRETED = isinstance(_lstm_fwd_tiled_kernel, InterpretedFunction)
 if INTERPRETED:
     patch_interpreter_index()
-
-
-def _config(H, dtype, variant, block_b, block_n, block_k):
-    if variant == "auto":
-        variant = "onchip" if triton.next_power_of_2(H) <= ONCHIP_MAX_H else "tiled"
-    precision = "ieee" if dtype == torch.float32 else "tf32"
-    cfg = {"BLOCK_B": block_b, "PRECISION": precision, "DOT_F32": INTERPRETED and dtype == torch.bfloat16}
-    if variant == "onchip":
-        cfg["BLOCK_H"] = max(16, triton.next_power_of_2(H))
-        cfg["num_warps"] = 8 if cfg["BLOCK_H"] >= 64 else 4
-    else:
-        cfg["BLOCK_N"] = block_n or 64
-        cfg["BLOCK_K"] = block_k or 64
-        cfg["num_warps"] = 4
-    return variant, cfg
-
-
-def _lengths_arg(lengths, fallback):
-    return (lengths, True) if lengths is not None else (fallback, False)
 
 
 def lstm_fwd(
@@ -52,9 +29,8 @@ def lstm_fwd(
     w_hh: torch.Tensor,  # (4H, H)
     h0: torch.Tensor,  # (B, H)
     c0: torch.Tensor,  # (B, H)
-    lengths: torch.Tensor | None,  # (B,) int32
-    variant: str,
-    cfg: dict,
+    lengths: torch.Tensor,  # (B,) int32, T for every row when none were given
+    cfg: KernelConfig,
     store_gates: bool,
 ):
     """Runs the forward recurrence. Returns `h` (T+1, B, H), `c` (T+1, B, H) fp32,
@@ -67,12 +43,8 @@ def lstm_fwd(
     c[0] = c0
     gates = torch.full((T, B, G), float("nan"), dtype=torch.float32, device=xw.device) if store_gates else c
     h_n = torch.full((B, H), float("nan"), dtype=xw.dtype, device=xw.device)
-    len_arg, has_len = _lengths_arg(lengths, h_n)
-    kernel = _lstm_fwd_onchip_kernel if variant == "onchip" else _lstm_fwd_tiled_kernel
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
-    flags = {"HAS_LENGTHS": has_len, "STORE_GATES": store_gates}
     if B:
-        kernel[grid](xw, w_hh, h, c, gates, h_n, len_arg, T, B, H, **flags, **cfg)
+        launch(cfg, xw, w_hh, h, c, gates, h_n, lengths, T, B, H, STORE_GATES=store_gates)
     return h, c, (gates if store_gates else None), h_n
 
 
@@ -85,9 +57,8 @@ def lstm_bwd(
     dout: torch.Tensor,  # (T, B, H)
     dh_n: torch.Tensor,  # (B, H)
     dc_n: torch.Tensor,  # (B, H)
-    lengths: torch.Tensor | None,  # (B,) int32
-    variant: str,
-    cfg: dict,
+    lengths: torch.Tensor,  # (B,) int32, T for every row when none were given
+    cfg: KernelConfig,
 ):
     """Runs the backward recurrence. Returns `dgates` (T, B, 4H) in `h`'s dtype, `dh0`, `dc0` (B, H) fp32."""
     T, B, H = dout.shape
@@ -96,19 +67,16 @@ def lstm_bwd(
     dg = torch.full((T, B, 4 * H), float("nan"), dtype=h.dtype, device=h.device)
     dh = dh_n.float().contiguous()
     dc = dc_n.float().contiguous()
-    len_arg, has_len = _lengths_arg(lengths, dh)
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
-    common = {"HAS_LENGTHS": has_len, "RECOMPUTE": recompute, **cfg}
+    flags = {"RECOMPUTE": recompute}
     if B == 0:
         return dg, dh, dc
-    if variant == "onchip":
+    if cfg.kernel is _lstm_bwd_onchip_kernel:
         dh0 = torch.full_like(dh, float("nan"))
         dc0 = torch.full_like(dc, float("nan"))
-        args = (xw, w_hh, h, c, gates, dout, dh, dc, dg, dh0, dc0, len_arg, T, B, H)
-        _lstm_bwd_onchip_kernel[grid](*args, **common)
+        launch(cfg, xw, w_hh, h, c, gates, dout, dh, dc, dg, dh0, dc0, lengths, T, B, H, **flags)
         return dg, dh0, dc0
     dh, dc = dh.clone(), dc.clone()
-    _lstm_bwd_tiled_kernel[grid](xw, w_hh, h, c, gates, dout, dh, dc, dg, len_arg, T, B, H, **common)
+    launch(cfg, xw, w_hh, h, c, gates, dout, dh, dc, dg, lengths, T, B, H, **flags)
     return dg, dh, dc
 
 
@@ -126,11 +94,11 @@ def _input_projection(x, w_ih, b_ih, b_hh):
 
 class FusedLSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, variant, cfg, store_gates):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, fwd_cfg, bwd_cfg, store_gates):
         xw = _input_projection(x, w_ih, b_ih, b_hh)
-        h, c, gates, h_n = lstm_fwd(xw, w_hh, h0, c0, lengths, variant, cfg, store_gates)
+        h, c, gates, h_n = lstm_fwd(xw, w_hh, h0, c0, lengths, fwd_cfg, store_gates)
         ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, h, c, gates, lengths)
-        ctx.variant, ctx.cfg = variant, cfg
+        ctx.bwd_cfg = bwd_cfg
         return h[1:], h_n, c[-1].to(x.dtype, copy=True)
 
     @staticmethod
@@ -140,7 +108,7 @@ class FusedLSTMFunction(torch.autograd.Function):
         H = w_hh.shape[1]
         xw = _input_projection(x, w_ih, b_ih, b_hh) if gates is None else None
         dout = dout.contiguous()
-        dg, dh0, dc0 = lstm_bwd(xw, w_hh, h, c, gates, dout, dh_n, dc_n, lengths, ctx.variant, ctx.cfg)
+        dg, dh0, dc0 = lstm_bwd(xw, w_hh, h, c, gates, dout, dh_n, dc_n, lengths, ctx.bwd_cfg)
         dg2 = dg.view(T * B, 4 * H)
         need = ctx.needs_input_grad
         dx = (dg2 @ w_ih).view(T, B, I) if need[0] else None
@@ -228,10 +196,11 @@ def fused_lstm(
         recompute: store only `h` and `c` for the backward and recompute the gates
             there (saves the `(T, B, 4H)` fp32 gate buffer, costs one more matmul and
             the recurrent product again).
-        variant: "onchip" keeps `W_hh` in registers (small H), "tiled" streams it in
-            `(block_k, block_n)` tiles every step; "auto" picks onchip for H <= 64.
+        variant: "onchip" keeps `W_hh` on chip (small H: up to 64, 32 on sm_75 and for fp32 on
+            sm_86/89; wider raises ValueError), "tiled" streams it in `(block_k, block_n)` tiles
+            every step; "auto" picks onchip where it fits. See `kernels/lstm_config.py`.
         block_b, block_n, block_k: batch rows per program and the tiled variant's tiles
-            (powers of two, at least 16).
+            (powers of two, at least 16); by default the tiles suit the GPU's architecture.
 
     Returns:
         `(out, (h_n, c_n))`: `out` (T, B, H), `h_n` and `c_n` (B, H), in `x`'s dtype.
@@ -247,9 +216,12 @@ def fused_lstm(
     _check_args(x, w_hh, w_hr, variant)
     _check_tensors(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
     H = w_hh.shape[1]
-    variant, cfg = _config(H, x.dtype, variant, block_b, block_n, block_k)
-    lengths = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32).contiguous()
+    _, fwd_cfg, bwd_cfg = lstm_config(x.shape[1], H, x.dtype, device_arch(x.device), variant, block_b, block_n,
+                                      block_k)
+    if lengths is None:
+        lengths = torch.full((x.shape[1],), x.shape[0], dtype=torch.int32, device=x.device)
+    lengths = lengths.to(device=x.device, dtype=torch.int32).contiguous()
     args = [t if t is None else t.contiguous() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-    out, h_n, c_n = FusedLSTMFunction.apply(*args, lengths, variant, cfg, needs_grad and not recompute)
+    out, h_n, c_n = FusedLSTMFunction.apply(*args, lengths, fwd_cfg, bwd_cfg, needs_grad and not recompute)
     return out, (h_n, c_n)

@@ -7,13 +7,18 @@ all steps done afterwards by the caller (derivation in `kernels/README.md`).
 The gates come from the forward's `g_ptr`, or with `RECOMPUTE` from `xw` and
 `h_{t-1}` again. Rows whose sequence has ended (t >= lengths[b]) get zero gate
 gradients and pass `dh`, `dc` through unchanged. Widths as in `lstm_fwd`.
+
+The onchip kernel forms `dh_{t-1}` by adding the four `da_k W_k` products to `dh` already zeroed
+where the row is live (a dead row's `da` is 0, so it keeps `dh`), not by selecting between the new
+and the old `dh` afterwards: with the selection, triton 3.9's LLVM aborts on this kernel (sm_75 all
+dtypes, sm_90 fp32), while both forms compile with triton 3.6.
 """
 
 import triton
 import triton.language as tl
 
 from .lstm_compat import device_fn
-from .lstm_fwd import _cell, _dot, _gate_tile, _row_lengths, _tanh
+from .lstm_fwd import _cell, _dot, _gate_tile, _tanh
 
 
 @device_fn
@@ -51,9 +56,9 @@ def _lstm_bwd_onchip_kernel(
     dg_ptr,  # (T, B, 4H) written: gate pre-activation gradients
     dh0_ptr,  # (B, H) fp32, written
     dc0_ptr,  # (B, H) fp32, written
-    len_ptr,  # (B,) int32, read when HAS_LENGTHS
+    len_ptr,  # (B,) int32, each row's length (T where none was given)
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, RECOMPUTE: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -67,7 +72,7 @@ def _lstm_bwd_onchip_kernel(
     w_f = tl.load(w + H * H, mask=wmask, other=0.0)
     w_g = tl.load(w + 2 * H * H, mask=wmask, other=0.0)
     w_o = tl.load(w + 3 * H * H, mask=wmask, other=0.0)
-    n_len = _row_lengths(len_ptr, rows, rmask, T, HAS_LENGTHS, BLOCK_B)
+    n_len = tl.load(len_ptr + rows, mask=rmask, other=0)
     state = rows[:, None] * H + cols[None, :]
     gate = rows[:, None] * 4 * H + cols[None, :]
     dh = tl.load(dhn_ptr + state, mask=mask, other=0.0)
@@ -106,11 +111,11 @@ def _lstm_bwd_onchip_kernel(
         tl.store(dgp + H, da_f, mask=mask)
         tl.store(dgp + 2 * H, da_g, mask=mask)
         tl.store(dgp + 3 * H, da_o, mask=mask)
-        dh_prev = _dot(da_i.to(w_i.dtype), w_i, DOT_F32, PRECISION)
-        dh_prev += _dot(da_f.to(w_i.dtype), w_f, DOT_F32, PRECISION)
-        dh_prev += _dot(da_g.to(w_i.dtype), w_g, DOT_F32, PRECISION)
-        dh_prev += _dot(da_o.to(w_i.dtype), w_o, DOT_F32, PRECISION)
-        dh = tl.where(live, dh_prev, dh)
+        dh = tl.where(live, 0.0, dh)
+        dh += _dot(da_i.to(w_i.dtype), w_i, DOT_F32, PRECISION)
+        dh += _dot(da_f.to(w_i.dtype), w_f, DOT_F32, PRECISION)
+        dh += _dot(da_g.to(w_i.dtype), w_g, DOT_F32, PRECISION)
+        dh += _dot(da_o.to(w_i.dtype), w_o, DOT_F32, PRECISION)
         dc = tl.where(live, dc_prev, dc)
         xw_ptr -= B * 4 * H
         g_ptr -= B * 4 * H
@@ -133,15 +138,15 @@ def _lstm_bwd_tiled_kernel(
     dh_ptr,  # (B, H) fp32: dh_n on entry, dh_0 on exit
     dc_ptr,  # (B, H) fp32: dc_n on entry, dc_0 on exit
     dg_ptr,  # (T, B, 4H) written: gate pre-activation gradients
-    len_ptr,  # (B,) int32, read when HAS_LENGTHS
+    len_ptr,  # (B,) int32, each row's length (T where none was given)
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, RECOMPUTE: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    n_len = _row_lengths(len_ptr, rows, rmask, T, HAS_LENGTHS, BLOCK_B)
+    n_len = tl.load(len_ptr + rows, mask=rmask, other=0)
     xw_ptr += (T - 1) * B * 4 * H
     g_ptr += (T - 1) * B * 4 * H
     dg_ptr += (T - 1) * B * 4 * H

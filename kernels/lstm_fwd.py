@@ -53,15 +53,6 @@ def _cell(a_i, a_f, a_g, a_o, c_prev):
 
 
 @device_fn
-def _row_lengths(len_ptr, rows, rmask, T, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
-    if HAS_LENGTHS:
-        n = tl.load(len_ptr + rows, mask=rmask, other=0)
-    else:
-        n = tl.zeros([BLOCK_B], dtype=tl.int32) + T
-    return n
-
-
-@device_fn
 def _gate_tile(
     xw_ptr,  # (B, 4H) at step t
     h_ptr,  # (B, H) h_{t-1}
@@ -106,9 +97,9 @@ def _lstm_fwd_onchip_kernel(
     c_ptr,  # (T+1, B, H) fp32, c0 at [0], written at [1:]
     g_ptr,  # (T, B, 4H) fp32 activated gates, written when STORE_GATES
     hn_ptr,  # (B, H)
-    len_ptr,  # (B,) int32, read when HAS_LENGTHS
+    len_ptr,  # (B,) int32, each row's length (T where none was given)
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr,
+    STORE_GATES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -122,7 +113,7 @@ def _lstm_fwd_onchip_kernel(
     w_f = tl.load(wt + H * H, mask=wmask, other=0.0)
     w_g = tl.load(wt + 2 * H * H, mask=wmask, other=0.0)
     w_o = tl.load(wt + 3 * H * H, mask=wmask, other=0.0)
-    n_len = _row_lengths(len_ptr, rows, rmask, T, HAS_LENGTHS, BLOCK_B)
+    n_len = tl.load(len_ptr + rows, mask=rmask, other=0)
     state = rows[:, None] * H + cols[None, :]
     gate = rows[:, None] * 4 * H + cols[None, :]
     h = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
@@ -157,15 +148,15 @@ def _lstm_fwd_tiled_kernel(
     c_ptr,  # (T+1, B, H) fp32, c0 at [0], written at [1:]
     g_ptr,  # (T, B, 4H) fp32 activated gates, written when STORE_GATES
     hn_ptr,  # (B, H)
-    len_ptr,  # (B,) int32, read when HAS_LENGTHS
+    len_ptr,  # (B,) int32, each row's length (T where none was given)
     T, B, H,
-    HAS_LENGTHS: tl.constexpr, STORE_GATES: tl.constexpr,
+    STORE_GATES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    n_len = _row_lengths(len_ptr, rows, rmask, T, HAS_LENGTHS, BLOCK_B)
+    n_len = tl.load(len_ptr + rows, mask=rmask, other=0)
     for t in range(T):
         live = (t < n_len)[:, None]
         for n0 in range(0, H, BLOCK_N):

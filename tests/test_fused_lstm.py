@@ -65,7 +65,7 @@ def _check_layer(T, B, I, H, dtype, device, lengths=None, **kwargs):
 LAYER_CASES = {
     "T1-B1-H40-onchip": dict(T=1, B=1, I=24, H=40, variant="onchip"),
     "T63-B5-H40-onchip": dict(T=63, B=5, I=24, H=40, variant="onchip"),
-    "T9-B5-H100-onchip": dict(T=9, B=5, I=24, H=100, variant="onchip"),
+    "T9-B5-H60-onchip": dict(T=9, B=5, I=24, H=60, variant="onchip"),
     "T1-B5-H40-tiled32": dict(T=1, B=5, I=24, H=40, variant="tiled", block_n=32, block_k=32),
     "T9-B1-H40-tiled32": dict(T=9, B=1, I=24, H=40, variant="tiled", block_n=32, block_k=32),
     "T9-B5-H100-tiled64": dict(T=9, B=5, I=24, H=100, variant="tiled", block_n=64, block_k=64),
@@ -241,3 +241,17 @@ def test_cpu_without_interpreter_says_what_it_needs():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode != 0
     assert "needs a CUDA device or the Triton interpreter" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_onchip_wider_than_it_fits_raises(device):
+    args = [t.detach() for t in _inputs(3, 2, 4, 100, torch.float32, device)]
+    with pytest.raises(ValueError, match=r"variant='onchip' takes H <= 64"):
+        fused_lstm(*args, variant="onchip")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the per-architecture configs are chosen only on CUDA")
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored-gates", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("H", [32, 64, 100, 256, 768, 1024])
+def test_every_width_of_the_compile_gate_runs_on_this_gpu(H, dtype, recompute, device):
+    _check_layer(5, 20, 16, H, dtype, device, lengths=[5, 2] * 10, recompute=recompute)

@@ -220,6 +220,14 @@ def test_default_chunk_size_follows_the_memory_rule():
     assert lce_chunked.default_chunk_size(3, 16, 50257) == 3
 
 
+def test_default_chunk_size_for_16_bit_weights_bounds_the_logits_by_w():
+    """A 16-bit head's chunk of fp32 logits stays within 1/32 of W's bytes, but at least 32 rows."""
+    for n, hdim, v in ((8192, 2304, 256000), (8192, 576, 49152), (8192, 4096, 128256), (100, 64, 1000)):
+        c = lce_chunked.default_chunk_size(n, hdim, v, 2)
+        assert c * v * 4 <= v * hdim * 2 / 32 or c == 32
+        assert 32 <= c <= lce_chunked.default_chunk_size(n, hdim, v)
+
+
 def _bad_cases():
     h = torch.randn(4, 8)
     w = torch.randn(10, 8)
@@ -242,6 +250,7 @@ def _bad_cases():
         "num_items_zero": (dict(num_items=0), "num_items"),
         "chunk": (dict(chunk_size=0), "chunk_size"),
         "impl": (dict(impl="cuda"), "impl"),
+        "accumulate": (dict(accumulate="bf16"), "accumulate in"),
         "triton_fp64": (dict(hidden=h.double(), weight=w.double(), impl="triton"), "dtype in"),
     }, dict(hidden=h, weight=w, target=y)
 
