@@ -333,3 +333,37 @@ def test_architecture_presets_have_the_published_sizes(name):
         model = AutoModelForCausalLM.from_config(architecture_config(name))
     n = sum(p.numel() for p in model.parameters())
     assert abs(n / PUBLISHED[name] - 1) < 0.01, n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA's 4-bit base is trained on CUDA only")
+def test_qlora_on_cuda_trains_only_adapters_on_a_4bit_base_within_its_estimate(tmp_path, files):
+    """On a GPU: the base's linear layers load as bitsandbytes' Linear4bit, a few steps lower the loss and change
+    only the adapters, and the allocator's peak stays within the estimate's (printed for bench/RESULTS.md)."""
+    from leanfit.train.lora import load_for_training
+
+    bnb = import_bitsandbytes()
+    config = lora_config(tmp_path, files, "q", qlora=True, lora=True, dtype="fp16", lora_dropout=0.0,
+                         lora_targets="all-linear", device="cuda")
+    device = torch.device("cuda")
+    model, _ = load_for_training(config, config.model, device)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = make_optimizer(model, "adamw", "cuda", lr=1e-2)
+    ids = torch.randint(0, 300, (4, 64), device=device)
+    torch.cuda.reset_peak_memory_stats(device)
+    losses = []
+    for _ in range(4):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = causal_lm_loss(model, ids, impl="chunked")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    peak = torch.cuda.max_memory_allocated(device)
+    assert losses[-1] < losses[0], losses
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    est = estimate_step(model=config.model, batch_size=4, block_size=64, dtype="fp16", autocast="fp16",
+                        loss_impl="chunked", lora=True, quantize="nf4", device_kind="cuda",
+                        gpu=None, cuda_context_bytes=0)
+    print(f"QLoRA tiny llama 4 x 64: measured allocated peak {peak} B, estimate {est.allocated_peak_bytes} B "
+          f"({est.allocated_peak_bytes / peak - 1:+.1%}) on {torch.cuda.get_device_name(device)}")
