@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: CUDA tests of the kernels, LSTM benchmarks against cuDNN, loss benchmarks
-# against naive / torch native / Liger / CCE, and capped fine-tuning runs against their estimates.
+# against naive / torch native / Liger / CCE, QLoRA (4-bit base, peft and bitsandbytes from .whl/) against its
+# estimate, and capped fine-tuning runs against their estimates.
 # Installs this tree as `leanfit` (editable, no network, no dependency changes) over what the GPU machine has
 # (torch 2.11, triton 3.6, transformers 5.17, pytest-benchmark). Liger-Kernel and cut-cross-entropy travel as wheels in .whl/ (see bench/RESULTS.md).
 # Writes one log, machine.txt and the pytest-benchmark JSON under $OUT (the device tool returns 8 files at most) and prints the ratio tables last.
 # The tests step runs every width of the compile gate (LSTM H=32..1024, LCE heads 576/768/2304, fp32/bf16/fp16)
 # on the card, so each per-architecture config in kernels/lstm_config.py and kernels/lce_triton.py is launched once.
-# Usage (device tool, carry .whl): bash bench/gpu_check.sh     budget: about 11 minutes at most (step limits).
+# Usage (device tool, carry .whl): bash bench/gpu_check.sh     budget: about 12 minutes at most (step limits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
@@ -34,6 +35,7 @@ cat "$OUT/machine.txt"
 
 step tests 240 python3 -m pytest -q tests/test_fused_lstm.py tests/test_linear_cross_entropy.py \
   tests/test_lce_memory_precision.py tests/test_lm_loss.py tests/test_finetune.py -k "not slow"
+step qlora 45 python3 -m pytest -q -s tests/test_lora.py -k "cuda or frozen_head or peft_model"
 step bench_lstm 120 python3 -m pytest -q bench/test_bench_lstm.py -k "not cpu" --benchmark-json="$OUT/bench_lstm.json"
 step bench_loss 180 python3 -m pytest -q bench/test_bench_loss.py -k "not cpu" --benchmark-json="$OUT/bench_loss.json"
 step capped_runs 90 python3 bench/gpu_capped_runs.py --quick

@@ -12,6 +12,7 @@ from leanfit.train.cli_estimate import main
 from leanfit.train.config import TrainConfig
 from leanfit.train.estimate import StepConfig, estimate_step
 from leanfit.train.lm_loss import causal_lm_loss
+from leanfit.train.lora import apply_lora
 from leanfit.train.memory import MemoryProfiler
 from leanfit.train.optim import make_optimizer
 from leanfit.train.units import parse_bytes
@@ -27,12 +28,16 @@ def tiny_llama():
                        intermediate_size=96, vocab_size=1000, max_position_embeddings=128, tie_word_embeddings=True)
 
 
-def measured_peak(config, batch_size, block_size, loss_impl="naive", grad_checkpointing=False, autocast=None):
+def measured_peak(config, batch_size, block_size, loss_impl="naive", grad_checkpointing=False, autocast=None,
+                  lora=None, optimizer="adamw"):
+    """The tracked peak of one steady-state CPU step; `lora`: `lora.apply_lora` keyword arguments."""
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     model.train()
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = make_optimizer(model, "adamw", "cpu")
+    if lora is not None:
+        model = apply_lora(model, **lora)
+    opt = make_optimizer(model, optimizer, "cpu")
     ids = torch.randint(0, config.vocab_size, (batch_size, block_size))
 
     def step(prof=None):

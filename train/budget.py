@@ -36,6 +36,18 @@ def _cuda_levels(autocast):
     return tuple(levels)
 
 
+def _lora_levels(autocast, quantize: bool):
+    """LoRA (and, on CUDA, QLoRA) settings, cheapest first: the base frozen in the autocast dtype (fp32 without)."""
+    base = {"lora": True, "loss_impl": "chunked"}
+    if autocast:
+        base.update(autocast=autocast, dtype=autocast)
+    amp = f" + {autocast} autocast" if autocast else ""
+    kinds = [("LoRA", {})] + ([("QLoRA (NF4 base)", {"quantize": "nf4"})] if quantize else [])
+    return tuple(level for name, extra in kinds for level in (
+        (f"{name} + chunked loss{amp}", {**base, **extra}),
+        (f"{name} + chunked loss{amp} + grad checkpointing", {**base, **extra, **_CKPT})))
+
+
 LEVELS = {
     "cuda": _cuda_levels("bf16"),
     "cpu": (
@@ -96,6 +108,8 @@ class Choice:
 
 def _describe_cfg(c):
     parts = [f"{c.dtype}" + (f" + autocast {c.autocast}" if c.autocast else ""), f"{c.loss_impl} loss"]
+    if c.lora:
+        parts.insert(0, f"{'QLoRA (NF4 base)' if c.quantize else 'LoRA'} rank {c.lora_rank}")
     if c.grad_checkpointing:
         parts.append("grad checkpointing")
     if c.optimizer_in_backward:
@@ -137,16 +151,27 @@ def _largest_fitting(base, batch, budget, est, min_b=1):
     return known[divs[i]], None
 
 
-def levels_for(device_kind, gpu=None):
-    """The settings `choose_config` tries on `device_kind`, or on the card `gpu` (bf16, else fp16 autocast)."""
-    if gpu is not None:
-        return _cuda_levels("bf16" if gpu_card(gpu).bf16 else "fp16")
-    return LEVELS[device_kind]
+def levels_for(device_kind, gpu=None, lora=None, allow_lora=False):
+    """The settings `choose_config` tries on `device_kind`, or on the card `gpu` (bf16, else fp16 autocast).
+
+    `lora` ("lora" or "qlora"): a run that asked for adapters tries only those settings; else `allow_lora` adds
+    LoRA, then QLoRA (CUDA only), after every full fine-tuning setting.
+    """
+    autocast = None
+    if gpu is not None or device_kind == "cuda":
+        autocast = "bf16" if gpu is None or gpu_card(gpu).bf16 else "fp16"
+    full = _cuda_levels(autocast) if autocast else LEVELS[device_kind]
+    adapters = _lora_levels(autocast, quantize=autocast is not None)
+    if lora == "qlora":
+        return tuple(level for level in adapters if level[1].get("quantize"))
+    if lora == "lora":
+        return tuple(level for level in adapters if not level[1].get("quantize"))
+    return full + adapters if allow_lora else full
 
 
 def choose_config(model, target_tokens_per_step, block_size, budget_bytes, device_kind="cuda", *,
                   optimizer="adamw", dtype="fp32", allow_optimizer_in_backward=True, min_micro_tokens=4096,
-                  estimate_kwargs=None, levels=None, gpu=None):
+                  estimate_kwargs=None, levels=None, gpu=None, lora=None, allow_lora=False, lora_options=None):
     """Picks the settings and micro-batch that fit `budget_bytes`, keeping the tokens per optimizer step.
 
     Args:
@@ -160,6 +185,9 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
         estimate_kwargs: passed to `estimate_step` (cuda_context_bytes, allocator_margin, ...).
         levels: ((name, StepConfig fields), ...) to try in order; default `levels_for(device_kind, gpu)`.
         gpu: a card of train/gpus.py (device_kind is then "cuda"): its dtypes and attention kernel.
+        lora, allow_lora: "lora" or "qlora" to plan only adapters; else whether adapters may be chosen when no
+            full fine-tune reaches `min_micro_tokens` (never without `allow_lora`).
+        lora_options: StepConfig's lora_rank, lora_alpha, lora_dropout, lora_targets.
 
     Returns:
         A `Choice`.
@@ -190,9 +218,9 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
     if gpu is not None:
         gpu, device_kind = gpu_card(gpu).name, "cuda"
     base = StepConfig(model=model, batch_size=1, block_size=block_size, dtype=dtype, optimizer=optimizer,
-                      device_kind=device_kind, gpu=gpu).validate()
+                      device_kind=device_kind, gpu=gpu, **(lora_options or {})).validate()
     results, smallest = [], None
-    for name, settings in levels or levels_for(device_kind, gpu):
+    for name, settings in levels or levels_for(device_kind, gpu, lora, allow_lora):
         if settings.get("optimizer_in_backward") and not allow_optimizer_in_backward:
             continue
         cfg = replace(base, **settings)
@@ -228,16 +256,20 @@ def choose_for_train_config(config, budget_bytes, device_kind="cuda", **kwargs):
     names the card. `kwargs` go to `choose_config` (min_micro_tokens, estimate_kwargs, levels).
     """
     tokens = config.block_size
+    lora = ("qlora" if config.qlora else "lora") if config.lora else None
+    options = {k: getattr(config, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
     return choose_config(config.model, config.batch_size * config.grad_accum * tokens, tokens, budget_bytes,
                          device_kind, optimizer=config.optimizer,
-                         allow_optimizer_in_backward=not config.clip, gpu=config.gpu, **kwargs)
+                         allow_optimizer_in_backward=not config.clip, gpu=config.gpu, lora=lora,
+                         lora_options=options, **kwargs)
 
 
 def train_config_changes(choice):
     """The TrainConfig fields that realize `choice` (optimizer_in_backward is a field finetune must add)."""
     c = choice.config
     changes = {"batch_size": c.batch_size, "grad_accum": choice.grad_accum_steps,
-               "grad_checkpointing": c.grad_checkpointing, "optimizer_in_backward": c.optimizer_in_backward}
+               "grad_checkpointing": c.grad_checkpointing, "optimizer_in_backward": c.optimizer_in_backward,
+               "lora": c.lora, "qlora": c.quantize == "nf4"}
     if c.loss_impl == "chunked":
         changes["loss"] = "chunked"
     if c.autocast:
@@ -257,4 +289,8 @@ def finetune_args(choice, gpu=None) -> list:
         args.append("--grad-checkpointing")
     if c.optimizer_in_backward:
         args += ["--optimizer-in-backward", "--clip", "0"]
+    if c.lora:
+        args += ["--qlora" if c.quantize else "--lora", "--lora-rank", str(c.lora_rank), "--lora-alpha",
+                 f"{c.lora_alpha:g}", "--lora-targets", c.lora_targets]
+        args += ["--lora-dropout", f"{c.lora_dropout:g}"] if c.lora_dropout else []
     return args

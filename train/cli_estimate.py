@@ -8,7 +8,15 @@ from dataclasses import fields
 
 from .architectures import ARCHITECTURES, check_positions, load_config
 from .budget import NothingFits, choose_config, finetune_args
-from .cli_common import OneLineParser, dtype_flag, fail, flag_type, positive_int
+from .cli_common import (
+    OneLineParser,
+    dtype_flag,
+    fail,
+    flag_type,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from .estimate import ATTN_IMPLS, DEVICE_KINDS, LOSS_IMPLS, StepConfig, estimate_step
 from .gpus import GPUS, gpu_card
 from .optim import OPTIMIZERS
@@ -45,6 +53,17 @@ def build_parser() -> OneLineParser:
                    "`leanfit finetune` command")
     p.add_argument("--no-optimizer-in-backward", dest="allow_oib", action="store_false",
                    help="with --choose: never step in the backward (keeps gradient accumulation and clipping)")
+    p.add_argument("--lora", action="store_true", help="LoRA adapters on the frozen base, held in --dtype "
+                   "(no gradients or optimizer state for it)")
+    p.add_argument("--qlora", dest="quantize", action="store_const", const="nf4", default=None,
+                   help="LoRA on a 4-bit NF4 base (bitsandbytes, CUDA)")
+    p.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--lora-alpha", type=positive_float, default=32.0, help="LoRA alpha (default: 32)")
+    p.add_argument("--lora-dropout", type=non_negative_float, default=0.0, help="LoRA dropout (default: 0)")
+    p.add_argument("--lora-targets", default="all-linear",
+                   help="modules to adapt, comma-separated, or all-linear (default: all-linear)")
+    p.add_argument("--allow-lora", action="store_true", help="with --choose: when no full fine-tune fits with "
+                   "micro-batches of 4,096 tokens, LoRA (and on CUDA QLoRA) may be chosen")
     p.add_argument("--cuda-context", type=flag_type(parse_bytes, "size"), default=None,
                    help=f"CUDA context size (default {CUDA_CONTEXT_BYTES // MiB}MiB)")
     p.add_argument("--allocator-margin", type=float, default=None,
@@ -57,10 +76,13 @@ def _choose(args, overrides, header) -> int:
     if args.memory_budget is None:
         raise ValueError("--choose: expected --memory-budget or --gpu, given neither")
     check_positions(args.block_size, load_config(args.model))
+    lora = ("qlora" if args.quantize else "lora") if args.lora else None
+    options = {k: getattr(args, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
     try:
         choice = choose_config(args.model, args.batch_size * args.block_size, args.block_size, args.memory_budget,
                                device_kind=args.device_kind, optimizer=args.optimizer,
-                               allow_optimizer_in_backward=args.allow_oib, estimate_kwargs=overrides, gpu=args.gpu)
+                               allow_optimizer_in_backward=args.allow_oib, estimate_kwargs=overrides, gpu=args.gpu,
+                               lora=lora, allow_lora=args.allow_lora, lora_options=options)
     except NothingFits as e:
         print(json.dumps(e.to_dict()) if args.json else e.estimate.table(args.memory_budget))
         return fail(PROG, e)
@@ -87,6 +109,7 @@ def _apply_gpu(args) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.lora = args.lora or args.quantize is not None
     overrides = {"cuda_context_bytes": args.cuda_context, "allocator_margin": args.allocator_margin}
     try:
         header = _apply_gpu(args)

@@ -1,5 +1,6 @@
 """The `leanfit finetune` command line: its flags (one per `TrainConfig` field) and what it prints."""
 
+import os
 from pathlib import Path
 
 from . import config as cfg
@@ -20,6 +21,8 @@ from .settings import merge_settings
 from .units import parse_bytes
 
 __all__ = ["build_parser", "parse_args", "print_summary", "print_dry_run"]
+
+LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def _block_size(text) -> int:
@@ -97,6 +100,15 @@ def build_parser() -> OneLineParser:
         help="CUDA: record the allocator history into memory_snapshot.pickle (pytorch.org/memory_viz)")
     add("--optimizer-in-backward", action="store_true", default=None,
         help="step each parameter in the backward and free its gradient; needs --grad-accum 1 and --clip 0")
+    add("--lora", action="store_true", default=None,
+        help="train LoRA adapters (PEFT) on the frozen base, held in --dtype (default: off, a full fine-tune)")
+    opt("--lora-rank", "LoRA: the adapters' rank r", type=positive_int)
+    opt("--lora-alpha", "LoRA: the adapters' output is scaled by alpha / r", type=positive_float)
+    opt("--lora-dropout", "LoRA: dropout on each adapter's input, in [0, 1)", type=non_negative_float)
+    opt("--lora-targets", "LoRA: module names to adapt, comma-separated (e.g. q_proj,v_proj), or all-linear for "
+        "every linear layer but the head")
+    add("--qlora", action="store_true", default=None,
+        help="LoRA on a 4-bit NF4 base (bitsandbytes; CUDA only) (default: off)")
     opt("--gpu", f"the card this runs on ({', '.join(GPUS)}; `leanfit info --gpu` lists them): its usable memory "
         "is the default --memory-budget, its dtypes and attention kernel shape the plan, and a run on another "
         "card is refused", type=flag_type(lambda text: gpu_card(text).name, "gpu"))
@@ -111,6 +123,9 @@ def parse_args(argv) -> tuple[cfg.TrainConfig, bool, bool]:
     overwrite = bool(flags.pop("overwrite", False))
     if overwrite and flags.get("resume"):
         raise ValueError("--overwrite is for a fresh run; a resumed run continues its own folder")
+    given = [f"--{k.replace('_', '-')}" for k in LORA_OPTIONS if k in flags]
+    if given and not (flags.get("lora") or flags.get("qlora") or flags.get("resume")):
+        raise ValueError(f"{', '.join(given)}: LoRA options, expected --lora or --qlora with them")
     return merge_settings(flags, preset), dry_run, overwrite
 
 
@@ -119,12 +134,14 @@ def print_summary(s: dict):
     print(f"\n{s['status']}: {s['steps']} steps on {s['device']}, {s['seconds']:.0f} s")
     if s["val_ppl_start"] is not None:
         print(f"validation perplexity: {s['val_ppl_start']:.2f} at the start -> {s['val_ppl_end']:.2f} at the end")
-    print(f"outputs in {out}/: {' '.join(FILES.get(s['status'], ()))}")
+    written = [f for f in FILES.get(s["status"], ()) if os.path.lexists(out / f.rstrip("/"))]
+    print(f"outputs in {out}/: {' '.join(written)}")
 
 
 def print_dry_run(s: dict):
     c = s["config"]
+    lora = f", {'QLoRA' if c['qlora'] else 'LoRA'} rank {c['lora_rank']} on {c['lora_targets']}" if c["lora"] else ""
     print(f"dry run: nothing loaded or written; the run would use micro-batch {c['batch_size']} x "
           f"{c['block_size']} tokens, grad-accum {c['grad_accum']}, loss {c['loss']}, dtype {c['dtype']}, "
           f"grad checkpointing {'on' if c['grad_checkpointing'] else 'off'}, optimizer in backward "
-          f"{'on' if c['optimizer_in_backward'] else 'off'}")
+          f"{'on' if c['optimizer_in_backward'] else 'off'}{lora}")

@@ -2,6 +2,7 @@
 """One flat training configuration with visible defaults, and run presets that list only their differences."""
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields, replace
 
 from .dtypes import DTYPES, dtype_name
@@ -53,6 +54,12 @@ class TrainConfig:
     save_every: str = "10min"  # a checkpoint unit every N steps ("500") or minutes ("10min"); and at the end
     keep_last: int = 2  # units kept in checkpoints/ (the newest ones)
     gpu: str | None = None  # a card of train/gpus.py: plan for it (budget, dtype, attention), refuse another one
+    lora: bool = False  # train LoRA adapters (PEFT) on a frozen base held in `dtype`; train/lora.py
+    lora_rank: int = 16
+    lora_alpha: float = 32.0  # the adapter's output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # 0 keeps no dropped copy of each adapted layer's input for the backward
+    lora_targets: str = "all-linear"  # module names, comma-separated, or all-linear: every linear layer but the head
+    qlora: bool = False  # LoRA on a 4-bit NF4 base (bitsandbytes, CUDA only)
 
 
 PRESETS = {
@@ -124,7 +131,23 @@ def validate(config: TrainConfig) -> TrainConfig:
     save_interval(config.save_every)
     if config.gpu is not None:
         config = _check_gpu(config)
-    return config
+    return _check_lora(config)
+
+
+def _check_lora(config: TrainConfig) -> TrainConfig:
+    if config.qlora:
+        config = replace(config, lora=True)
+    if not _is_int(config.lora_rank) or config.lora_rank < 1:
+        raise ValueError(f"lora_rank must be a positive integer, got {config.lora_rank!r}")
+    if not (config.lora_alpha > 0 and math.isfinite(config.lora_alpha)):
+        raise ValueError(f"lora_alpha must be a positive finite number, got {config.lora_alpha!r}")
+    if not 0 <= config.lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {config.lora_dropout!r}")
+    names = [n.strip() for n in str(config.lora_targets).split(",")]
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", n) for n in names):
+        raise ValueError(f"lora_targets: expected all-linear or module names separated by commas (e.g. "
+                         f"q_proj,v_proj), got {config.lora_targets!r}")
+    return replace(config, lora_targets=",".join(names))
 
 
 def save_interval(text: str) -> tuple[str, float]:

@@ -8,9 +8,11 @@ created first (a step on zero gradients), so the traced step is a steady-state o
 parameters, gradients, optimizer state, activations and temporaries (train/step_trace.py). See
 train/meta_trace.py for the stand-ins (fused attention, autocast, unpacked sequences) that make `meta`
 allocate like the target device; `StepConfig.gpu` names the card (train/gpus.py) whose compute capability
-decides the attention kernel (default sm_80). On CUDA, what the allocator's tensors do not show is added:
-the cuBLAS workspace, the CUDA context and an allocator margin (train/units.py says where each figure comes
-from).
+decides the attention kernel (default sm_80). With `lora`, PEFT's adapters are put on the meta model as a run
+puts them (the base frozen in `dtype`: no gradients, no optimizer state), and with `quantize="nf4"` the base's
+linear layers are stand-ins of bitsandbytes' 4-bit layers (train/quant.py). On CUDA, what the allocator's
+tensors do not show is added: the cuBLAS workspace, the CUDA context and an allocator margin (train/units.py says
+where each figure comes from).
 The `leanfit estimate` command is train/cli_estimate.py.
 """
 
@@ -29,6 +31,7 @@ __all__ = ["StepConfig", "Estimate", "estimate_step", "LOSS_IMPLS", "DEVICE_KIND
 LOSS_IMPLS = (*IMPLS, "hf")  # traced as: naive and hf hold the full logits, the others the chunked loss's
 DEVICE_KINDS = ("cuda", "cpu")
 ATTN_IMPLS = ("sdpa", "eager")
+QUANTIZE = (None, "nf4")
 KERNEL_NAMES = {"flash": "flash kernel", "efficient": "memory-efficient kernel", "cpu": "CPU fused kernel",
                 "math": "math path (keeps the T² scores)"}
 
@@ -49,6 +52,12 @@ class StepConfig:
     device_kind: str = "cuda"
     attn_implementation: str = "sdpa"
     gpu: str | None = None  # a card of train/gpus.py: its compute capability picks the attention kernel
+    lora: bool = False  # LoRA adapters on the frozen base (held in `dtype`); train/lora.py
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    quantize: str | None = None  # "nf4": the base's linear layers in 4 bits (QLoRA, CUDA); train/quant.py
 
     def validate(self):
         """Checks every field; spells the dtypes canonically. Returns self."""
@@ -68,6 +77,13 @@ class StepConfig:
             raise ValueError(f"block_size: expected at least 2 tokens, given {self.block_size}")
         if self.gpu is not None:
             self._check_gpu()
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise ValueError(f"lora_rank: expected a positive int, given {self.lora_rank!r}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize: expected one of {QUANTIZE}, given {self.quantize!r}")
+        if self.quantize and not (self.lora and self.device_kind == "cuda"):
+            raise ValueError(f"quantize {self.quantize}: a 4-bit base is trained with LoRA on CUDA, given "
+                             f"lora={self.lora}, device_kind={self.device_kind!r}")
         return self
 
     def _check_gpu(self):
@@ -98,6 +114,7 @@ class Estimate:
     breakdown: dict
     top_modules: list = field(default_factory=list)
     n_params: int = 0
+    n_trainable: int = 0
     attention: dict = field(default_factory=dict)  # SDPA calls by the kernel stood in for
 
     def fits(self, budget_bytes):
@@ -114,8 +131,12 @@ class Estimate:
 
     def table(self, budget_bytes=None):
         c = self.config
+        lora = ""
+        if c.lora:
+            lora = (f" ({self.n_trainable / 1e6:.2f}M trainable: {'QLoRA, NF4 base' if c.quantize else 'LoRA'} "
+                    f"rank {c.lora_rank} on {c.lora_targets})")
         lines = [
-            f"model {c.model}: {self.n_params / 1e6:.1f}M params, micro-batch {c.batch_size} x {c.block_size} "
+            f"model {c.model}: {self.n_params / 1e6:.1f}M params{lora}, micro-batch {c.batch_size} x {c.block_size} "
             f"tokens, {c.dtype}" + (f" + autocast {c.autocast}" if c.autocast else "")
             + f", loss {c.loss_impl}, {c.optimizer}" + (" in backward" if c.optimizer_in_backward else "")
             + (", grad checkpointing" if c.grad_checkpointing else "") + f", {c.device_kind}"
@@ -183,4 +204,4 @@ def estimate_step(cfg=None, *, cuda_context_bytes=None, cublas_workspace_bytes=N
     breakdown = {**traced["breakdown"], **extra}
     allocated = tensor_peak + extra.get("cublas_workspace", 0)
     return Estimate(cfg, sum(breakdown.values()), tensor_peak, allocated, breakdown, traced["top_modules"],
-                    traced["n_params"], traced["attention"])
+                    traced["n_params"], traced["n_trainable"], traced["attention"])

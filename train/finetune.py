@@ -36,8 +36,8 @@ from .cli_finetune import parse_args, print_dry_run, print_summary
 from .context import Hooks, RunContext, restore_train_state
 from .data import BlockLoader, make_blocks, split_blocks
 from .dtypes import torch_dtype
+from .lora import load_for_training
 from .memory import MemoryProfiler, apply_memory_cap, rss_peak_bytes
-from .models import load_model
 from .optim import make_optimizer
 from .outputs import summary, write_metrics, write_outputs, write_run_json, write_unit
 from .planning import oom_advice, plan_memory
@@ -89,7 +89,7 @@ def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = No
         apply_memory_cap(parse_bytes(config.memory_budget), device)
     if config.memory_snapshot and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000)
-    model, tokenizer = load_model(checked.model_ref, device=device)
+    model, tokenizer = load_for_training(config, checked.model_ref, device)
     blocks = make_blocks(checked.text, tokenizer, config.block_size)
     train_blocks, val_blocks = split_blocks(blocks, config.val_fraction)
     if config.eval_blocks:

@@ -3,7 +3,8 @@
 
 `causal_lm_loss(model, input_ids)` equals `model(input_ids, labels=input_ids).loss`, in value and in
 every parameter's gradient: it runs the base model to its final hidden states and hands them, with the
-output embedding's weight and bias, to `kernels.linear_cross_entropy`.
+output embedding's weight and bias, to `kernels.linear_cross_entropy`. A PEFT model (LoRA) is unwrapped to the
+causal LM its adapters were injected into; a frozen head gets no weight gradient.
 """
 
 import torch
@@ -22,6 +23,9 @@ def lm_head_params(model) -> dict:
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"causal_lm_loss: expected a causal LM with an output embedding, given {type(model).__name__}")
+    if hasattr(head, "base_layer"):
+        raise ValueError(f"causal_lm_loss: expected an output head without an adapter, given {type(head).__name__} "
+                         f"(leave the head out of the LoRA target modules)")
     config = model.config
     scale = 1.0
     if getattr(config, "logit_scale", None) is not None:
@@ -30,6 +34,11 @@ def lm_head_params(model) -> dict:
         scale /= float(config.logits_scaling)
     softcap = getattr(config, "final_logit_softcapping", None)
     return {"weight": head.weight, "bias": getattr(head, "bias", None), "scale": scale, "softcap": softcap}
+
+
+def _causal_lm(model):
+    """The transformers model inside a PEFT wrapper (its `get_base_model()`), else `model`."""
+    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
 
 
 def _base_model(model):
@@ -58,7 +67,7 @@ def causal_lm_loss(
     (Granite) and `final_logit_softcapping` (Gemma 2) are applied.
 
     Args:
-        model: a transformers causal LM (…ForCausalLM / …LMHeadModel), tied head or not.
+        model: a transformers causal LM (…ForCausalLM / …LMHeadModel), tied head or not, or a PEFT model of one.
         input_ids: token ids, (B, T) with T >= 2.
         labels: targets, (B, T); -100 marks ignored positions. Default: input_ids, with positions where
             attention_mask == 0 set to -100.
@@ -86,6 +95,7 @@ def causal_lm_loss(
         raise ValueError(
             f"causal_lm_loss: expected labels of shape {tuple(input_ids.shape)}, given {tuple(labels.shape)}"
         )
+    model = _causal_lm(model)
     out = _base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out[0][:, :-1]
     head = lm_head_params(model)

@@ -10,6 +10,9 @@ model is saved once, as a plain HF checkpoint, in a cache folder (`$LEANFIT_CACH
 conversion (the package reinstalled or upgraded) replaces the older ones of the same model; `leanfit cache`
 lists and clears the folder.
 
+A PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`: a LoRA run's checkpoint unit) loads its
+base model, then the adapter, merged into the base for inference.
+
 Loading never unpickles: weights come only from safetensors files (a folder with only `pytorch_model.bin`
 is refused, with the way to convert it), and `trust_remote_code` is never set. A hub id is looked up in the
 local HF cache first; when it is not there and the hub cannot be reached, the lookup fails at once, without
@@ -28,7 +31,9 @@ from urllib.parse import urlparse
 
 import torch
 
+from .adapters import adapter_base, is_adapter_dir
 from .atomic import atomic_dir, atomic_write_json
+from .quant import import_peft
 
 __all__ = ["EMBEDDED", "ModelNotFoundError", "embedded_gguf_path", "resolve_model", "load_model", "load_tokenizer",
            "save_checkpoint", "cache_root", "cache_entries", "clear_cache"]
@@ -202,6 +207,9 @@ def resolve_model(name_or_path: str) -> tuple[str, bool]:
     if name_or_path in EMBEDDED:
         return str(_embedded_dir(name_or_path)), True
     path = Path(name_or_path)
+    if is_adapter_dir(path):
+        resolve_model(adapter_base(path))
+        return str(path), True
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"model folder {path} has no config.json (expected a save_pretrained folder)")
@@ -237,6 +245,8 @@ def load_tokenizer(name_or_path: str):
 
     _quiet_transformers()
     ref, local_only = resolve_model(name_or_path)
+    if is_adapter_dir(ref) and not (Path(ref) / "tokenizer_config.json").is_file():
+        return load_tokenizer(adapter_base(ref))
     try:
         tokenizer = _from_pretrained(AutoTokenizer, ref, local_only)
     except OSError as e:
@@ -246,14 +256,25 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32):
+def _load_adapter(folder: str, device, dtype: torch.dtype):
+    peft = import_peft()
+    base, _ = load_model(adapter_base(folder), device=device, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(base, folder).merge_and_unload()
+    return model, load_tokenizer(folder)
+
+
+def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32, quantization_config=None):
     """Loads a causal LM and its tokenizer.
 
     Args:
-        name_or_path: `smollm2-135m` (embedded), a folder written by `save_pretrained`, or a hub id
-            (tried in the local HF cache first, then online unless HF_HUB_OFFLINE is set).
+        name_or_path: `smollm2-135m` (embedded), a folder written by `save_pretrained`, a PEFT adapter folder
+            (its base with the adapter merged in), or a hub id (tried in the local HF cache first, then online
+            unless HF_HUB_OFFLINE is set).
         device: where the model goes.
         dtype: parameter dtype (fp32 for training with autocast).
+        quantization_config: e.g. `quant.nf4_config(...)`; the weights are quantized as they load onto `device`.
     Returns:
         (model, tokenizer); the tokenizer has a pad token (its eos token when it had none).
     Raises:
@@ -264,15 +285,20 @@ def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float
     """
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(name_or_path)
     ref, local_only = resolve_model(name_or_path)
+    if is_adapter_dir(ref):
+        return _load_adapter(ref, device, dtype)
+    tokenizer = load_tokenizer(name_or_path)
+    placed = {} if quantization_config is None else {"quantization_config": quantization_config,
+                                                      "device_map": {"": torch.device(device)}}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = _from_pretrained(AutoModelForCausalLM, ref, local_only, dtype=dtype, use_safetensors=True)
+            model = _from_pretrained(AutoModelForCausalLM, ref, local_only, dtype=dtype, use_safetensors=True,
+                                     **placed)
     except OSError as e:
         raise _load_error(name_or_path, e) from None
-    return model.to(device), tokenizer
+    return (model if placed else model.to(device)), tokenizer
 
 
 def save_checkpoint(model, tokenizer, directory):

@@ -1,6 +1,9 @@
 """The one optimizer factory: what fine-tuning steps with, and what the memory estimate traces.
 
 Weight decay applies to matrices (dim >= 2) only. On CUDA the fused kernels, on the CPU the foreach ones.
+`adamw8bit` is bitsandbytes' `AdamW8bit` (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"):
+both moments of a parameter of 4,096 elements or more in uint8, with one fp32 absmax per 256 of them; smaller
+parameters keep fp32 moments. It runs on CUDA and, through bitsandbytes' PyTorch fallback, on the CPU and on `meta`.
 `traced=True` gives the version the estimate runs on `meta`, where fused kernels do not exist: the
 single-tensor loop stands in for fused (both hold only one parameter's temporaries at a time, where foreach
 would hold a temporary as large as all the optimizer state).
@@ -9,10 +12,11 @@ would hold a temporary as large as all the optimizer state).
 import torch
 
 from .optim_backward import OptimizerInBackward
+from .quant import import_bitsandbytes
 
 __all__ = ["OPTIMIZERS", "make_optimizer"]
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit")
 
 
 def _build(name, groups, lr, betas, kind):
@@ -22,6 +26,8 @@ def _build(name, groups, lr, betas, kind):
         return torch.optim.Adam(groups, lr=lr, betas=betas, **kind)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, **kind)
+    if name == "adamw8bit":
+        return import_bitsandbytes().optim.AdamW8bit(groups, lr=lr, betas=betas)
     raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, given {name!r}")
 
 

@@ -15,6 +15,7 @@ from .checkpoint import EXPORT, UNITS, save_unit
 from .context import train_state
 from .evaluate import finetune_eval_after
 from .generate import DEFAULT_PROMPTS, format_samples, generate_texts, read_prompts
+from .lora import MERGED, export_merged
 from .report import write_report
 
 __all__ = ["WRITERS", "FILES", "RUN_SCHEMA", "OWN_FILES", "write_outputs", "summary", "write_metrics",
@@ -53,6 +54,12 @@ def write_unit(ctx):
     """A checkpoint unit of the current step (`checkpoints/step-NNNNNN`), and `checkpoint` pointing at it."""
     save_unit(ctx.out, ctx.model, ctx.tokenizer, train_state(ctx), keep_last=ctx.config.keep_last)
     ctx.last_save = time.time()
+
+
+def write_merged(ctx):
+    """LoRA: `merged/`, the newest unit's adapter merged into its base, a plain HF checkpoint."""
+    if ctx.config.lora:
+        export_merged(ctx.out / EXPORT, ctx.out / MERGED, ctx.config.dtype)
 
 
 def write_samples(ctx):
@@ -109,12 +116,13 @@ def write_reports(ctx):
 
 _CORE = (write_metrics, write_loss_plot, write_unit)
 WRITERS = {
-    "complete": (*_CORE, write_samples, write_run_json, write_memory_report, write_eval_after),
-    "interrupted": (*_CORE, write_run_json, write_memory_report, write_reports),
+    "complete": (*_CORE, write_merged, write_samples, write_run_json, write_memory_report, write_eval_after),
+    "interrupted": (*_CORE, write_merged, write_run_json, write_memory_report, write_reports),
     "out of memory": (*_CORE, write_run_json),  # the memory report is written where the OOM is caught
 }
 _FILES = {
     write_metrics: ("metrics.jsonl",), write_loss_plot: ("loss.png",), write_unit: (f"{UNITS}/", EXPORT),
+    write_merged: (f"{MERGED}/",),
     write_samples: ("samples.md", "samples.jsonl"),
     write_run_json: ("run.json",), write_memory_report: ("memory_report.json", "memory.png"),
     write_eval_after: ("eval_before.json", "eval_after.json", "report.md", "report.html"),

@@ -26,12 +26,15 @@ def device_kind(name: str) -> str:
 
 
 def step_config(config: cfg.TrainConfig, kind: str) -> StepConfig:
-    """The estimate's `StepConfig` for one micro-batch of `config` on a `kind` device."""
+    """The estimate's `StepConfig` for one micro-batch of `config` on a `kind` device (LoRA: the base in
+    `config.dtype`, as `lora.load_for_training` loads it)."""
     return StepConfig(
         model=config.model, batch_size=config.batch_size, block_size=config.block_size,
-        autocast=None if config.dtype == "fp32" else config.dtype, loss_impl=config.loss,
-        grad_checkpointing=bool(config.grad_checkpointing), optimizer=config.optimizer,
-        optimizer_in_backward=config.optimizer_in_backward, device_kind=kind, gpu=config.gpu,
+        dtype=config.dtype if config.lora else "fp32", autocast=None if config.dtype == "fp32" else config.dtype,
+        loss_impl=config.loss, grad_checkpointing=bool(config.grad_checkpointing), optimizer=config.optimizer,
+        optimizer_in_backward=config.optimizer_in_backward, device_kind=kind, gpu=config.gpu, lora=config.lora,
+        lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        lora_targets=config.lora_targets, quantize="nf4" if config.qlora else None,
     )
 
 

@@ -7,6 +7,7 @@ just before the first write.
 """
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from .checkpoint import UNITS, UnitError, clean_stale, latest_unit, remove_unit_
 from .data import DEFAULT_CORPUS, read_corpus
 from .generate import DEFAULT_PROMPTS, check_prompt_lengths, read_prompts, resolve_device
 from .gpus import check_properties
+from .lora import check_lora_targets
 from .models import load_tokenizer, resolve_model
 from .outputs import OWN_FILES, RUN_SCHEMA
+from .quant import check_qlora
 from .settings import read_run_json
 
 __all__ = ["Checked", "preflight", "check_dtype", "check_gpu", "claim_out"]
@@ -102,6 +105,10 @@ def preflight(config: cfg.TrainConfig, overwrite: bool = False, dry_run: bool = 
         model_ref = config.model
         resolve_model(model_ref)
     check_positions(config.block_size, load_config(model_ref))
+    if config.lora and not config.resume:
+        check_lora_targets(load_config(model_ref), config.lora_targets)
+    if config.qlora and not dry_run:
+        check_qlora(device)
     if not dry_run:
         prompts = read_prompts(config.prompts or DEFAULT_PROMPTS)
         check_prompt_lengths(load_tokenizer(model_ref), prompts, config.max_length)
@@ -123,6 +130,9 @@ def claim_out(out: Path, overwrite: bool, fresh: bool) -> list[str]:
             path = out / name
             if path.is_file() or path.is_symlink():
                 path.unlink()
+                removed.append(name)
+            elif path.is_dir():
+                shutil.rmtree(path)
                 removed.append(name)
     return removed
 

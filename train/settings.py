@@ -13,7 +13,7 @@ from .checkpoint import UNITS, UnitError, latest_unit
 
 __all__ = ["merge_settings", "read_run_json", "resumed_config", "resume_changes", "FIXED_ON_RESUME"]
 
-FIXED_ON_RESUME = ("model", "corpus", "block_size")
+FIXED_ON_RESUME = ("model", "corpus", "block_size", "lora", "lora_rank", "lora_targets", "qlora")
 
 
 def read_run_json(folder) -> dict:

@@ -71,6 +71,11 @@ def save_state(folder, name: str, state: dict) -> list[Path]:
     folder = Path(folder)
     tensors = {}
     tree = _encode(state, "state", tensors)
+    stored = set()
+    for key, t in tensors.items():
+        if t.numel() and t.untyped_storage().data_ptr() in stored:  # a shared tensor is stored as its own copy
+            tensors[key] = t.clone()
+        stored.add(t.untyped_storage().data_ptr())
     paths = [folder / f"{name}.safetensors", folder / f"{name}.json"]
     save_file(tensors, str(paths[0]))
     paths[1].write_text(json.dumps(tree), encoding="utf-8")

@@ -11,6 +11,7 @@ from .architectures import load_config
 from .dtypes import torch_dtype
 from .gpus import GPUS
 from .lm_loss import causal_lm_loss
+from .lora import lora_meta_model
 from .meta_trace import AutocastEmulation, SdpaStandIn, run_backward, unpacked_sequences
 from .optim import make_optimizer
 
@@ -20,8 +21,19 @@ _KINDS = {"Parameter": "parameters", "Buffer": "parameters", "Gradient": "gradie
           "Activation": "activations", "Temp": "temporaries", "Other": "temporaries"}
 
 
+class _NoHook:
+    def remove(self):
+        pass
+
+
 class _PeakTracker(MemTracker):
-    """MemTracker without the per-module peak bookkeeping on every op (quadratic in the module count)."""
+    """MemTracker without the per-module peak bookkeeping on every op (quadratic in the module count), and for
+    frozen parameters (LoRA's base), on which it would register gradient hooks that torch refuses."""
+
+    def skip_frozen(self, model):
+        for p in model.parameters():
+            if not p.requires_grad:
+                self._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
 
     def _update_peak_stats(self, peak_state):
         for dev, dev_snap in self._curr_mem_snap.items():
@@ -46,10 +58,11 @@ def build_meta_model(config, dtype="fp32", attn_implementation="sdpa", grad_chec
 
 
 def _warm_optimizer(model, step_fn):
-    for p in model.parameters():
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
         p.grad = torch.zeros_like(p)
     step_fn()
-    for p in model.parameters():
+    for p in params:
         p.grad = None
 
 
@@ -69,6 +82,9 @@ def trace_step(cfg, top=5):
     """Peak breakdown {category: bytes}, top modules, parameter count and attention calls by kernel of one
     traced step of `cfg`."""
     model = build_meta_model(load_config(cfg.model), cfg.dtype, cfg.attn_implementation, cfg.grad_checkpointing)
+    if cfg.lora:
+        model = lora_meta_model(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                                cfg.quantize, torch_dtype(cfg.autocast or cfg.dtype))
     ids = torch.zeros(cfg.batch_size, cfg.block_size, dtype=torch.long, device="meta")
     opt = make_optimizer(model, cfg.optimizer, cfg.device_kind, in_backward=cfg.optimizer_in_backward, traced=True)
     if cfg.optimizer_in_backward:
@@ -78,6 +94,7 @@ def trace_step(cfg, top=5):
         _warm_optimizer(model, opt.step)
         states = [opt]
     mt = _PeakTracker()
+    mt.skip_frozen(model)
     mt.track_external(model, *states, ids)
     autocast = AutocastEmulation(torch_dtype(cfg.autocast), cfg.device_kind) if cfg.autocast \
         else contextlib.nullcontext()
@@ -96,6 +113,7 @@ def trace_step(cfg, top=5):
     for kind, n in peak.items():
         if kind != "Total":
             breakdown[_KINDS[str(getattr(kind, "value", kind))]] += n
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"breakdown": breakdown, "top_modules": _top_modules(mt, top), "n_params": n_params,
-            "attention": dict(sdpa.kernels)}
+            "n_trainable": n_trainable, "attention": dict(sdpa.kernels)}
