@@ -198,3 +198,17 @@ def test_the_efficient_kernel_keeps_and_allocates_other_buffers_than_flash():
     flash_extra = 4 * (b * h * t + b * h * 128 + b * 128 * h * 64)
     efficient_extra = 4 * (b * h * 128 + b * h * t) + b * h * 2 * (16 + 64 * 64 * 4)
     assert efficient - flash == efficient_extra - flash_extra
+
+
+@pytest.mark.parametrize("preset, loadable", [("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct"),
+                                              ("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct"),
+                                              ("gpt2", "gpt2"), ("smollm2-135m", "smollm2-135m")])
+def test_a_printed_plan_names_a_model_finetune_can_load(preset, loadable):
+    from leanfit.train.budget import finetune_args
+    from leanfit.train.estimate import StepConfig
+
+    step = StepConfig(model=preset, batch_size=2, block_size=1024, autocast="fp16", loss_impl="chunked",
+                      lora=True, quantize="nf4")
+    args = finetune_args(SimpleNamespace(config=step, grad_accum_steps=4), gpu="t4")
+    config, _, _ = finetune_parse(args)
+    assert config.model == loadable and config.qlora and (config.batch_size, config.grad_accum) == (2, 4)

@@ -79,8 +79,8 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    for module in ("leanfit.train.finetune", "leanfit.train.evaluate", "leanfit.train.generate"):
-        monkeypatch.setattr(f"{module}.load_model", refuse)
+    for name in ("finetune.load_for_training", "lora.load_model", "evaluate.load_model", "generate.load_model"):
+        monkeypatch.setattr(f"leanfit.train.{name}", refuse)
 
 
 def test_state_files_round_trip_types_that_json_alone_would_lose(tmp_path):

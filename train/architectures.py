@@ -17,7 +17,7 @@ import os
 
 from .adapters import adapter_base, is_adapter_dir
 
-__all__ = ["ARCHITECTURES", "architecture_config", "load_config", "max_positions", "check_positions"]
+__all__ = ["ARCHITECTURES", "HUB_IDS", "architecture_config", "load_config", "max_positions", "check_positions"]
 
 GPT2_SIZES = {
     # name: (n_embd, n_layer, n_head)  ~params
@@ -43,6 +43,13 @@ QWEN2_SIZES = {
 }
 
 ARCHITECTURES = tuple(GPT2_SIZES) + ("smollm2-135m",) + tuple(LLAMA_SIZES) + tuple(QWEN2_SIZES)
+# The hub id of each preset whose name is not one `leanfit finetune --model` loads (GPT-2's names are hub ids,
+# smollm2-135m is embedded): what a printed plan names.
+HUB_IDS = {
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct", "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B-Instruct", "llama-3.2-3b": "meta-llama/Llama-3.2-3B-Instruct",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+}
 
 
 def architecture_config(name):

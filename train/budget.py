@@ -17,6 +17,7 @@ is used to guess; the guess is then traced, and so is the next larger divisor to
 
 from dataclasses import asdict, dataclass, replace
 
+from .architectures import HUB_IDS
 from .estimate import Estimate, StepConfig, estimate_step
 from .gpus import gpu_card
 from .units import format_bytes
@@ -281,7 +282,8 @@ def finetune_args(choice, gpu=None) -> list:
     """The `leanfit finetune` arguments that run `choice` (on the card `gpu`): model, block, micro-batch,
     accumulation, dtype, loss, checkpointing, optimizer (in the backward: with clipping off)."""
     c, changes = choice.config, train_config_changes(choice)
-    args = ["--model", str(c.model)] + (["--gpu", gpu] if gpu else [])
+    model = HUB_IDS.get(c.model, c.model) if isinstance(c.model, str) else c.model
+    args = ["--model", str(model)] + (["--gpu", gpu] if gpu else [])
     args += ["--block-size", str(c.block_size), "--batch-size", str(changes["batch_size"]),
              "--grad-accum", str(changes["grad_accum"]), "--dtype", changes.get("dtype", "fp32"),
              "--loss", changes.get("loss", c.loss_impl), "--optimizer", c.optimizer]
