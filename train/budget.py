@@ -99,8 +99,9 @@ class Choice:
         c = self.config
         lines = [
             f"chosen: micro-batch {c.batch_size} x {c.block_size} tokens, {self.grad_accum_steps} accumulation "
-            f"step(s) = {c.batch_size * self.grad_accum_steps * c.block_size:,} tokens per optimizer step; "
-            f"{_describe_cfg(c)}",
+            f"step(s) = {c.batch_size * self.grad_accum_steps * c.block_size:,} tokens per optimizer step"
+            + (f" per rank, {c.batch_size * self.grad_accum_steps * c.block_size * c.world_size:,} over "
+               f"{c.world_size} ranks" if c.world_size > 1 else "") + f"; {_describe_cfg(c)}",
             f"why: {self.reason}",
             self.estimate.table(self.budget_bytes),
         ]
@@ -301,4 +302,6 @@ def finetune_args(choice, gpu=None) -> list:
         args += ["--qlora" if c.quantize else "--lora", "--lora-rank", str(c.lora_rank), "--lora-alpha",
                  f"{c.lora_alpha:g}", "--lora-targets", c.lora_targets]
         args += ["--lora-dropout", f"{c.lora_dropout:g}"] if c.lora_dropout else []
+    if c.parallel != "none":
+        args += ["--parallel", c.parallel]
     return args

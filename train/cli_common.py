@@ -28,14 +28,13 @@ def fail(prog: str, error: BaseException) -> int:
     """Prints `error` on one line (under torchrun with the rank: `prog: error: rank R: ...`); returns 2."""
     text = " ".join(str(error).split()) or type(error).__name__
     rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
-    line = f"{prog}: error: {rank}{text}"
-    print(line, file=sys.stderr, flush=True)
-    record_failure(line)
+    print(f"{prog}: error: {rank}{text}", file=sys.stderr, flush=True)
+    record_failure(f"{rank}{text}")
     return 2
 
 
 def record_failure(line: str):
-    """Under `leanfit launch` (LEANFIT_ERROR_DIR set), keeps this rank's first error line and its time."""
+    """Under `leanfit launch` (LEANFIT_ERROR_DIR set), keeps this rank's first error and its time."""
     folder = os.environ.get("LEANFIT_ERROR_DIR")
     if not folder:
         return

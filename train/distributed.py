@@ -24,6 +24,7 @@ for torchrun's summary (TORCHELASTIC_ERROR_FILE); torchrun then stops the other 
 
 import atexit
 import copy
+import gc
 import os
 import shutil
 import sys
@@ -81,6 +82,7 @@ def _rank_device(device: torch.device, local_rank: int, world: int) -> torch.dev
 
 def _close():
     if dist.is_initialized():
+        gc.collect()  # FSDP's and DDP's pending work objects go while the interpreter can still free them
         dist.destroy_process_group()
 
 
@@ -116,20 +118,30 @@ def start_parallel(config, checked) -> Parallel:
     return par
 
 
-def rank_main(main) -> int:
-    """`main()`, and under torchrun any error it lets through as one line on stderr (the traceback goes to
-    torchrun's error file), exit code 1."""
+def rank_main(main):
+    """Runs `main()` in a process torchrun started and ends the process with its exit code; any error `main`
+    lets through becomes one line on stderr (the traceback goes to torchrun's error file) and exit code 1.
+
+    The process ends by `os._exit` once its streams are flushed and its process group is destroyed: collective
+    work objects that Python would free while the interpreter shuts down can abort the process there (SIGABRT),
+    which torchrun reports as a failed rank. Without torchrun it returns `main()`.
+    """
     if "LOCAL_RANK" not in os.environ:
         return main()
     try:
-        return main()
+        code = main()
     except Exception as e:  # noqa: BLE001 - every error of a rank becomes its one line and its exit code
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
             from torch.distributed.elastic.multiprocessing.errors import ErrorHandler  # deferred: on failure only
 
             ErrorHandler().record_exception(e)
         fail("leanfit finetune", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-        return 1
+        code = 1
+    else:
+        _close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _inject_fault(ctx):
@@ -141,7 +153,9 @@ def _inject_fault(ctx):
     if ctx.parallel.rank == int(rank) and ctx.step == int(step):
         ctx.parallel.cache["fault_done"] = True
         if action == "hang":
-            time.sleep(3600)
+            while not ctx.stop_requested:  # until torchrun's SIGTERM, once another rank has failed
+                time.sleep(0.05)
+            sys.exit(143)
         raise RuntimeError(f"injected failure on rank {rank} after step {step}")
 
 

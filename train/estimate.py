@@ -78,7 +78,7 @@ class StepConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, given {getattr(self, name)!r}")
         if self.parallel == "none" and self.world_size != 1:
-            raise ValueError(f"world_size: expected 1 without parallel, given {self.world_size}")
+            raise ValueError(f"world_size: expected 1 without parallel (ddp or fsdp2), given {self.world_size}")
         if self.lora and (self.parallel == "fsdp2" or self.quantize and self.parallel != "none"):
             raise ValueError(f"parallel {self.parallel!r}: not with LoRA{' on a 4-bit base' if self.quantize else ''}; "
                              f"expected parallel 'ddp' with LoRA, or 'none'")

@@ -10,9 +10,11 @@ rank, the slices its own shards cover. `load_full_optimizer` puts a one-process 
 `model` is always the plain HF model (inside any wrapper), so parameter names are the same in every layout.
 """
 
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -46,7 +48,7 @@ def is_sharded(optimizer_state) -> bool:
 def save_optimizer(folder, model, optimizer, subfolder: str) -> dict:
     """Writes `optimizer`'s tensors into `folder/subfolder` (collective); returns the train state's entry."""
     tensors, rest = _split(get_optimizer_state_dict(model, optimizer))
-    dcp.save(tensors, storage_writer=SafeWriter(Path(folder) / subfolder))
+    dcp.save(tensors, storage_writer=SafeWriter(Path(folder) / subfolder), no_dist=not dist.is_initialized())
     return {SHARDED: subfolder, **rest}
 
 
@@ -54,7 +56,9 @@ def load_optimizer(unit, model, optimizer, entry: dict):
     """Fills `optimizer` from the DCP folder a unit's train state names (`save_optimizer`'s entry)."""
     osd = get_optimizer_state_dict(model, optimizer)
     tensors, _ = _split(osd)
-    dcp.load(tensors, storage_reader=SafeReader(Path(unit) / entry[SHARDED]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+        dcp.load(tensors, storage_reader=SafeReader(Path(unit) / entry[SHARDED]), no_dist=not dist.is_initialized())
     state = {name: dict(entry["scalars"].get(name, {})) for name in osd["state"]}
     for key, tensor in tensors.items():
         name, value = key.removeprefix("state/").rsplit("/", 1)
