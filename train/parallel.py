@@ -66,7 +66,7 @@ class Parallel:
     device: torch.device | None = None
     routes: dict = field(default_factory=dict)  # {writer: its replacement under this layout} (train/distributed.py)
     collective: dict = field(default_factory=dict)  # {writer: 0 or 1}: every rank calls these, lowest first
-    cache: dict = field(default_factory=dict)  # rank 0's plain copy of the model, and the step it holds
+    cache: dict = field(default_factory=dict)  # rank 0's plain copy of the model and its step (train/distributed.py)
 
     @property
     def is_main(self) -> bool:
