@@ -65,6 +65,8 @@ def as_flags(values: dict) -> list:
     for key, value in values.items():
         if key == "eval_study":
             args += [] if value else ["--no-eval-study"]
+        elif value is True:
+            args.append(f"--{key.replace('_', '-')}")
         else:
             args += [f"--{key.replace('_', '-')}", str(value)]
     return args
@@ -152,6 +154,15 @@ def test_ddp_curve_with_accumulation_equals_one_process(files, tmp_path):
     assert_same_curve(one, tmp_path / "ranks")
     steps = [json.loads(line) for line in (tmp_path / "ranks" / "metrics.jsonl").read_text().splitlines()]
     assert {m["tokens"] for m in steps if m["kind"] == "train"} == {1 * 2 * 2 * 15}  # batch x accum x ranks x 15
+
+
+def test_ddp_with_lora_equals_one_process(files, tmp_path):
+    """LoRA adapters (PEFT) under DDP: only the adapters train and are reduced; the unit is an adapter folder."""
+    values = dict(iters=2, save_every="10min", lora=True, lora_targets="c_attn,c_fc")
+    torchrun(as_flags(settings(files, tmp_path / "ranks", "gpt2", batch_size=1, parallel="ddp", **values)))
+    one = single(settings(files, tmp_path / "one", "gpt2", batch_size=2, **values))
+    assert_same_curve(one, tmp_path / "ranks")
+    assert (tmp_path / "ranks" / "checkpoint" / "adapter_model.safetensors").is_file()
 
 
 def test_resume_two_ranks_on_one_process_equals_an_uninterrupted_run(fsdp2, files, tmp_path):
@@ -289,6 +300,8 @@ def test_wrong_launches_are_one_line_before_any_process_starts(files, tmp_path, 
     assert "no `finetune`" in one_line(capsys.readouterr().err, "leanfit launch")
     assert launch_main(["finetune", *values, "--parallel", "fsdp2", "--optimizer-in-backward", "--clip", "0"]) == 2
     assert "not with --parallel fsdp2" in one_line(capsys.readouterr().err, "leanfit launch")
+    assert launch_main(["finetune", *values, "--parallel", "fsdp2", "--lora"]) == 2
+    assert "--parallel fsdp2: not with --lora" in one_line(capsys.readouterr().err, "leanfit launch")
     assert estimate_main(["--model", "gpt2", "--world-size", "2"]) == 2
     assert "world_size: expected 1 without parallel" in one_line(capsys.readouterr().err, "leanfit estimate")
     monkeypatch.setenv("WORLD_SIZE", "2")
