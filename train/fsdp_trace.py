@@ -83,12 +83,14 @@ def _trace(cfg):
                            opt)
         peak = next(iter(mt.get_tracker_snapshot("peak").values()), {})
         n_params = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     breakdown = dict.fromkeys(("parameters", "gradients", "optimizer_state", "all_gather",
                                "reduce_scatter", "activations", "temporaries"), 0)
     for kind, n in peak.items():
         if kind != "Total":
             breakdown[FSDP_KINDS[str(getattr(kind, "value", kind))]] += int(n)
-    return {"breakdown": breakdown, "top_modules": [], "n_params": n_params, "attention": dict(sdpa.kernels)}
+    return {"breakdown": breakdown, "top_modules": [], "n_params": n_params, "n_trainable": n_trainable,
+            "attention": dict(sdpa.kernels)}
 
 
 def _in_fresh_process(cfg) -> dict:
