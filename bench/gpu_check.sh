@@ -11,6 +11,8 @@
 # Time: the steps run in order of value (kernel benchmarks first) within GPU_CHECK_BUDGET_S seconds in all
 # (default 480: one device call of at most 600 s, with room for the start); a step gets what is left of the
 # budget up to its own limit, and a step with less than 30 s left is skipped and reported.
+# On a machine with 2 GPUs a last step, two_ranks (DDP and FSDP2 over nccl against one GPU, up to 300 s), runs
+# with what the budget has left (GPU_CHECK_BUDGET_S=780 gives it all); with one GPU it is skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
@@ -51,6 +53,13 @@ step capped_runs 90 python3 bench/gpu_capped_runs.py --quick
 step tests 150 python3 -m pytest -q tests/test_fused_lstm.py tests/test_linear_cross_entropy.py \
   tests/test_lce_memory_precision.py tests/test_lm_loss.py -k "not slow"
 step qlora 45 python3 -m pytest -q -s tests/test_lora.py -k "cuda or frozen_head or peft_model"
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$gpus" -ge 2 ]; then
+  step two_ranks 300 python3 bench/gpu_two_ranks.py --out "$OUT/gpu_two_ranks.json"
+else
+  echo "== two_ranks skipped: $gpus GPU(s) here, it needs 2 (DDP and FSDP2 over nccl against one GPU)" \
+    | tee -a "$OUT/gpu_check.log"
+fi
 
 echo "== tables"
 [ -f "$OUT/bench_lstm.json" ] && python3 bench/lstm_gpu_table.py "$OUT/bench_lstm.json" | tee -a "$OUT/gpu_check.log"

@@ -99,8 +99,9 @@ class Choice:
         c = self.config
         lines = [
             f"chosen: micro-batch {c.batch_size} x {c.block_size} tokens, {self.grad_accum_steps} accumulation "
-            f"step(s) = {c.batch_size * self.grad_accum_steps * c.block_size:,} tokens per optimizer step; "
-            f"{_describe_cfg(c)}",
+            f"step(s) = {c.batch_size * self.grad_accum_steps * c.block_size:,} tokens per optimizer step"
+            + (f" per rank, {c.batch_size * self.grad_accum_steps * c.block_size * c.world_size:,} over "
+               f"{c.world_size} ranks" if c.world_size > 1 else "") + f"; {_describe_cfg(c)}",
             f"why: {self.reason}",
             self.estimate.table(self.budget_bytes),
         ]
@@ -172,7 +173,8 @@ def levels_for(device_kind, gpu=None, lora=None, allow_lora=False):
 
 def choose_config(model, target_tokens_per_step, block_size, budget_bytes, device_kind="cuda", *,
                   optimizer="adamw", dtype="fp32", allow_optimizer_in_backward=True, min_micro_tokens=4096,
-                  estimate_kwargs=None, levels=None, gpu=None, lora=None, allow_lora=False, lora_options=None):
+                  estimate_kwargs=None, levels=None, gpu=None, lora=None, allow_lora=False, lora_options=None,
+                  parallel="none", world_size=1):
     """Picks the settings and micro-batch that fit `budget_bytes`, keeping the tokens per optimizer step.
 
     Args:
@@ -189,6 +191,7 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
         lora, allow_lora: "lora" or "qlora" to plan only adapters; else whether adapters may be chosen when no
             full fine-tune reaches `min_micro_tokens` (never without `allow_lora`).
         lora_options: StepConfig's lora_rank, lora_alpha, lora_dropout, lora_targets.
+        parallel, world_size: the estimate is one rank's (`StepConfig`), and so is `target_tokens_per_step`.
 
     Returns:
         A `Choice`.
@@ -219,7 +222,9 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
     if gpu is not None:
         gpu, device_kind = gpu_card(gpu).name, "cuda"
     base = StepConfig(model=model, batch_size=1, block_size=block_size, dtype=dtype, optimizer=optimizer,
-                      device_kind=device_kind, gpu=gpu, **(lora_options or {})).validate()
+                      device_kind=device_kind, gpu=gpu, parallel=parallel, world_size=world_size,
+                      **(lora_options or {})).validate()
+    allow_optimizer_in_backward = allow_optimizer_in_backward and parallel == "none"
     results, smallest = [], None
     for name, settings in levels or levels_for(device_kind, gpu, lora, allow_lora):
         if settings.get("optimizer_in_backward") and not allow_optimizer_in_backward:
@@ -250,8 +255,9 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
     return Choice(found, batch // b, budget_bytes, reason, nxt)
 
 
-def choose_for_train_config(config, budget_bytes, device_kind="cuda", **kwargs):
-    """`choose_config` for a `TrainConfig`: keeps its batch_size * grad_accum sequences of block_size tokens per step.
+def choose_for_train_config(config, budget_bytes, device_kind="cuda", world_size=1, **kwargs):
+    """`choose_config` for a `TrainConfig`: keeps its batch_size * grad_accum sequences of block_size tokens per step
+    (per rank, over `world_size` ranks with `config.parallel`).
 
     The optimizer step in the backward is allowed only when clipping is off (`config.clip == 0`); `config.gpu`
     names the card. `kwargs` go to `choose_config` (min_micro_tokens, estimate_kwargs, levels).
@@ -262,7 +268,8 @@ def choose_for_train_config(config, budget_bytes, device_kind="cuda", **kwargs):
     return choose_config(config.model, config.batch_size * config.grad_accum * tokens, tokens, budget_bytes,
                          device_kind, optimizer=config.optimizer,
                          allow_optimizer_in_backward=not config.clip, gpu=config.gpu, lora=lora,
-                         lora_options=options, **kwargs)
+                         lora_options=options, parallel=config.parallel if world_size > 1 else "none",
+                         world_size=world_size, **kwargs)
 
 
 def train_config_changes(choice):
@@ -295,4 +302,6 @@ def finetune_args(choice, gpu=None) -> list:
         args += ["--qlora" if c.quantize else "--lora", "--lora-rank", str(c.lora_rank), "--lora-alpha",
                  f"{c.lora_alpha:g}", "--lora-targets", c.lora_targets]
         args += ["--lora-dropout", f"{c.lora_dropout:g}"] if c.lora_dropout else []
+    if c.parallel != "none":
+        args += ["--parallel", c.parallel]
     return args

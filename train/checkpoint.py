@@ -26,8 +26,8 @@ from safetensors import SafetensorError
 
 from .state_files import StateFileError, load_state, save_state
 
-__all__ = ["UNITS", "EXPORT", "SaveError", "UnitError", "unit_name", "save_unit", "latest_unit", "list_units",
-           "load_unit", "clean_stale", "remove_unit_outputs"]
+__all__ = ["UNITS", "EXPORT", "SaveError", "UnitError", "unit_name", "begin_unit", "save_unit", "latest_unit",
+           "list_units", "load_unit", "clean_stale", "remove_unit_outputs"]
 
 UNITS = "checkpoints"
 EXPORT = "checkpoint"
@@ -90,12 +90,12 @@ def _write_unit(tmp: Path, model, tokenizer, state: dict):
     tokenizer.save_pretrained(tmp)
     _step("train state")
     save_state(tmp, STATE, state)
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     _step("manifest")
     (tmp / MANIFEST).write_text(json.dumps({"schema": SCHEMA, "step": state["step"], "run_id": state["run_id"],
                                             "files": files}, indent=1), encoding="utf-8")
     _step("fsync")
-    for p in tmp.iterdir():
+    for p in tmp.rglob("*"):
         _fsync(p)
     _fsync(tmp)
 
@@ -109,9 +109,50 @@ def _link_export(out: Path, name: str):
     os.replace(tmp, link)
 
 
-def save_unit(out, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
+def _save_error(out: Path, final: Path, e: Exception) -> SaveError:
+    previous = [u.name for u in list_units(out) if u != final]
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    return SaveError(f"could not save checkpoint {final.name} in {final.parent} ({reason}); {kept}")
+
+
+def begin_unit(out, state: dict) -> Path | None:
+    """Creates the hidden folder the unit of `state["step"]` is written into, and returns it; None when a
+    complete unit of that step is already published (a damaged one is removed first).
+
+    `save_unit` calls it; a run over several ranks calls it on rank 0 and lets every rank write its shards
+    into the folder before `save_unit(..., tmp=folder)` publishes it.
+    Raises:
+        SaveError when the folder cannot be created.
+    """
+    out = Path(out)
+    units = out / UNITS
+    final = units / unit_name(state["step"])
+    if final.is_dir():
+        try:
+            _check_unit(final, state["run_id"], tensors=False)
+            return None
+        except UnitError:
+            doomed = units / f"{_TMP}{final.name}-damaged-{secrets.token_hex(4)}"
+            os.rename(final, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+    tmp = units / f"{_TMP}{final.name}-{secrets.token_hex(4)}"
+    try:
+        _step("units folder")
+        units.mkdir(parents=True, exist_ok=True)
+        _step("unit folder")
+        tmp.mkdir()
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(out, final, e) from None
+    return tmp
+
+
+def save_unit(out, model, tokenizer, state: dict, keep_last: int = 2, tmp: Path | None = None) -> Path:
     """Publishes `state` (with "step" and "run_id") and the model as the unit `checkpoints/step-NNNNNN` of `out`.
 
+    `tmp`: a folder from `begin_unit` that already holds other files of the unit (the ranks' optimizer shards);
+    they are listed in the manifest with the rest.
     Returns:
         the unit's folder. A complete unit of the same step is kept as it is; a damaged one is replaced.
     Raises:
@@ -120,20 +161,10 @@ def save_unit(out, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
     out = Path(out)
     units = out / UNITS
     final = units / unit_name(state["step"])
-    if final.is_dir():
-        try:
-            _check_unit(final, state["run_id"], tensors=False)
-            return final
-        except UnitError:
-            doomed = units / f"{_TMP}{final.name}-damaged-{secrets.token_hex(4)}"
-            os.rename(final, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-    tmp = units / f"{_TMP}{unit_name(state['step'])}-{secrets.token_hex(4)}"
+    tmp = tmp or begin_unit(out, state)
+    if tmp is None:
+        return final
     try:
-        _step("units folder")
-        units.mkdir(parents=True, exist_ok=True)
-        _step("unit folder")
-        tmp.mkdir()
         _write_unit(tmp, model, tokenizer, state)
         _step("publish")
         os.rename(tmp, final)
@@ -141,10 +172,7 @@ def save_unit(out, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
         _fsync(units)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = [u.name for u in list_units(out) if u != final]
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise SaveError(f"could not save checkpoint {final.name} in {units} ({reason}); {kept}") from None
+        raise _save_error(out, final, e) from None
     try:
         _link_export(out, final.name)
         for old in list_units(out)[:-keep_last] if keep_last > 0 else []:
@@ -177,6 +205,8 @@ def _check_unit(unit: Path, run_id: str | None, tensors: bool = True) -> dict:
     if manifest.get("schema") != SCHEMA or manifest.get("step") != step:
         raise UnitError(f"{unit / MANIFEST} does not describe step {step}")
     for name, size in manifest.get("files", {}).items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise UnitError(f"{unit / MANIFEST} lists {name!r}, a file outside the unit")
         path = unit / name
         if not path.is_file() or path.stat().st_size != size:
             raise UnitError(f"{path} is missing or truncated (expected {size} bytes)")

@@ -9,6 +9,7 @@ import sys
 
 COMMANDS = {
     "finetune": ("leanfit.train.finetune", "fine-tune a causal LM on a text corpus"),
+    "launch": ("leanfit.train.cli_launch", "run finetune on several GPUs or nodes under torchrun (--parallel)"),
     "generate": ("leanfit.train.generate", "generate continuations of prompts"),
     "estimate": ("leanfit.train.cli_estimate", "predict a training step's peak memory before launch"),
     "evaluate": ("leanfit.train.evaluate", "perplexity, the a/an probe and prompt studies"),

@@ -6,14 +6,17 @@ model, ...).
 """
 
 import argparse
+import json
 import math
+import os
 import sys
+import time
 
 from .config import MAX_SEED
 from .dtypes import dtype_name
 
 __all__ = ["OneLineParser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fail",
-           "flag_type", "dtype_flag", "seed_int"]
+           "record_failure", "flag_type", "dtype_flag", "seed_int"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -22,9 +25,23 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def fail(prog: str, error: BaseException) -> int:
+    """Prints `error` on one line (under torchrun with the rank: `prog: error: rank R: ...`); returns 2."""
     text = " ".join(str(error).split()) or type(error).__name__
-    print(f"{prog}: error: {text}", file=sys.stderr)
+    rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
+    print(f"{prog}: error: {rank}{text}", file=sys.stderr, flush=True)
+    record_failure(f"{rank}{text}")
     return 2
+
+
+def record_failure(line: str):
+    """Under `leanfit launch` (LEANFIT_ERROR_DIR set), keeps this rank's first error and its time."""
+    folder = os.environ.get("LEANFIT_ERROR_DIR")
+    if not folder:
+        return
+    path = os.path.join(folder, f"rank-{os.environ.get('RANK', '0')}.json")
+    if not os.path.exists(path):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"time": time.time(), "line": line}, f)
 
 
 def _number(kind, check, expected):

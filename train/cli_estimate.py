@@ -17,7 +17,7 @@ from .cli_common import (
     positive_float,
     positive_int,
 )
-from .estimate import ATTN_IMPLS, DEVICE_KINDS, LOSS_IMPLS, StepConfig, estimate_step
+from .estimate import ATTN_IMPLS, DEVICE_KINDS, LOSS_IMPLS, PARALLEL, StepConfig, estimate_step
 from .gpus import GPUS, gpu_card
 from .optim import OPTIMIZERS
 from .units import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, MiB, parse_bytes
@@ -43,6 +43,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--optimizer-in-backward", action="store_true")
     p.add_argument("--device", dest="device_kind", default="cuda", choices=DEVICE_KINDS)
     p.add_argument("--attn", dest="attn_implementation", default="sdpa", choices=ATTN_IMPLS)
+    p.add_argument("--parallel", default="none", choices=PARALLEL,
+                   help="fsdp2: one rank's peak when parameters, gradients and optimizer state are sharded over "
+                   "--world-size ranks (plus the all-gathered units); ddp: one rank's, a whole replica (default: none)")
+    p.add_argument("--world-size", type=positive_int, default=1, help="ranks (GPUs) with --parallel (default: 1)")
     p.add_argument("--gpu", type=flag_type(lambda text: gpu_card(text).name, "gpu"), default=None,
                    help=f"plan for this card ({', '.join(GPUS)}; `leanfit info --gpu` lists them): its usable memory "
                    "is the default --memory-budget, its dtypes and attention kernel shape the plan")
@@ -82,11 +86,13 @@ def _choose(args, overrides, header) -> int:
         choice = choose_config(args.model, args.batch_size * args.block_size, args.block_size, args.memory_budget,
                                device_kind=args.device_kind, optimizer=args.optimizer,
                                allow_optimizer_in_backward=args.allow_oib, estimate_kwargs=overrides, gpu=args.gpu,
-                               lora=lora, allow_lora=args.allow_lora, lora_options=options)
+                               lora=lora, allow_lora=args.allow_lora, lora_options=options,
+                               parallel=args.parallel, world_size=args.world_size)
     except NothingFits as e:
         print(json.dumps(e.to_dict()) if args.json else e.estimate.table(args.memory_budget))
         return fail(PROG, e)
-    command = shlex.join(["leanfit", "finetune", *finetune_args(choice, args.gpu)])
+    launch = ["leanfit", "launch", "--nproc-per-node", str(args.world_size)] if args.parallel != "none" else ["leanfit"]
+    command = shlex.join([*launch, "finetune", *finetune_args(choice, args.gpu)])
     if args.json:
         print(json.dumps({**choice.to_dict(), "finetune_command": command}))
     else:

@@ -109,6 +109,9 @@ def build_parser() -> OneLineParser:
         "every linear layer but the head")
     add("--qlora", action="store_true", default=None,
         help="LoRA on a 4-bit NF4 base (bitsandbytes; CUDA only) (default: off)")
+    opt("--parallel", "under torchrun: ddp (a replica per rank) or fsdp2 (parameters, gradients and optimizer state "
+        "sharded over the ranks); --batch-size is then per rank, a step takes batch x grad-accum x ranks sequences",
+        choices=cfg.CHOICES["parallel"])
     opt("--gpu", f"the card this runs on ({', '.join(GPUS)}; `leanfit info --gpu` lists them): its usable memory "
         "is the default --memory-budget, its dtypes and attention kernel shape the plan, and a run on another "
         "card is refused", type=flag_type(lambda text: gpu_card(text).name, "gpu"))

@@ -10,6 +10,7 @@ from .gpus import gpu_card
 from .lm_loss import IMPLS
 from .optim import OPTIMIZERS
 from .optim_backward import check_optimizer_in_backward
+from .parallel import KINDS as PARALLEL
 from .units import parse_bytes
 
 __all__ = ["TrainConfig", "PRESETS", "CHOICES", "validate", "from_dict", "to_dict", "save_interval", "MAX_SEED"]
@@ -60,6 +61,7 @@ class TrainConfig:
     lora_dropout: float = 0.0  # 0 keeps no dropped copy of each adapted layer's input for the backward
     lora_targets: str = "all-linear"  # module names, comma-separated, or all-linear: every linear layer but the head
     qlora: bool = False  # LoRA on a 4-bit NF4 base (bitsandbytes, CUDA only)
+    parallel: str = "none"  # ddp or fsdp2 under torchrun (train/parallel.py); batch_size is then per rank
 
 
 PRESETS = {
@@ -80,6 +82,7 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "dtype": tuple(DTYPES),
     "loss": (*IMPLS, "hf"),
+    "parallel": PARALLEL,
 }
 POSITIVE_INT = ("batch_size", "grad_accum", "iters", "eval_every", "max_length", "num_return_sequences", "keep_last")
 MAX_SEED = 2**63 - 1
@@ -128,6 +131,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"memory_budget must be a positive size like 15GiB, got {config.memory_budget!r}")
     if config.optimizer_in_backward:
         check_optimizer_in_backward(config.grad_accum, config.clip, config.dtype == "fp16")
+        if config.parallel != "none":
+            raise ValueError(f"optimizer_in_backward: not with --parallel {config.parallel} (the ranks reduce the "
+                             f"gradients after the backward); expected --parallel none")
     save_interval(config.save_every)
     if config.gpu is not None:
         config = _check_gpu(config)
@@ -137,6 +143,9 @@ def validate(config: TrainConfig) -> TrainConfig:
 def _check_lora(config: TrainConfig) -> TrainConfig:
     if config.qlora:
         config = replace(config, lora=True)
+    if config.lora and (config.parallel == "fsdp2" or config.qlora and config.parallel != "none"):
+        raise ValueError(f"--parallel {config.parallel}: not with {'--qlora' if config.qlora else '--lora'} (sharding "
+                         f"a PEFT model is not supported here); expected --parallel ddp with --lora, or none")
     if not _is_int(config.lora_rank) or config.lora_rank < 1:
         raise ValueError(f"lora_rank must be a positive integer, got {config.lora_rank!r}")
     if not (config.lora_alpha > 0 and math.isfinite(config.lora_alpha)):

@@ -13,6 +13,7 @@ from . import config as cfg
 from .config import TrainConfig
 from .data import BlockLoader
 from .evaluate import finetune_eval_before
+from .parallel import Parallel
 from .step import LossFn
 
 __all__ = ["RunContext", "Hooks", "rng_state", "set_rng_state", "train_state", "restore_train_state"]
@@ -61,6 +62,7 @@ class RunContext:
     profiler: object = None  # memory.MemoryProfiler while training
     last_save: float = field(default_factory=time.time)
     resumes: list = field(default_factory=list)  # [{"step", "changed": {field: [before, after]}}] per resume
+    parallel: Parallel = field(default_factory=Parallel)  # the ranks (train/parallel.py); one process by default
 
     @property
     def params(self):
@@ -85,11 +87,14 @@ def set_rng_state(state: dict):
 
 
 def train_state(ctx: RunContext) -> dict:
-    """Everything besides the weights that an exact resume needs, as `state_files.save_state` takes it."""
+    """Everything besides the weights that an exact resume needs, as `state_files.save_state` takes it.
+
+    Over several ranks the optimizer entry is None here: the ranks save it sharded (train/distributed.py).
+    """
     return {
         "step": ctx.step,
         "run_id": ctx.run_id,
-        "optimizer": ctx.optimizer.state_dict(),
+        "optimizer": None if ctx.parallel.active else ctx.optimizer.state_dict(),
         "scheduler": ctx.scheduler.state_dict(),
         "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
         "loader": ctx.loader.state_dict(),
@@ -100,12 +105,12 @@ def train_state(ctx: RunContext) -> dict:
     }
 
 
-def restore_train_state(ctx: RunContext, state: dict):
-    """Puts a unit's train state (`train_state`) back into a freshly set-up context."""
+def restore_train_state(ctx: RunContext, state: dict, unit=None):
+    """Puts the train state (`train_state`) of the unit folder `unit` back into a freshly set-up context."""
     if state["corpus_sha256"] != ctx.corpus_info["sha256"]:
         raise ValueError(f"the corpus {ctx.corpus_info['path']} is not the one this run trained on (its content "
                          f"changed since step {state['step']}): resume with the original corpus")
-    ctx.optimizer.load_state_dict(state["optimizer"])
+    ctx.parallel.load_optimizer(ctx.model, ctx.optimizer, state["optimizer"], unit)
     ctx.scheduler.load_state_dict(state["scheduler"])
     if ctx.scaler is not None and state.get("scaler"):
         ctx.scaler.load_state_dict(state["scaler"])
@@ -113,4 +118,6 @@ def restore_train_state(ctx: RunContext, state: dict):
     ctx.step = int(state["step"])
     ctx.run_id = state["run_id"]
     ctx.metrics = list(state["metrics"])
-    set_rng_state(state["rng"])
+    rng = ctx.parallel.rank_rng(state)
+    if rng is not None:
+        set_rng_state(rng)

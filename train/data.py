@@ -157,44 +157,55 @@ def split_blocks(blocks: torch.Tensor, val_fraction: float):  # blocks: (N, T)
 class BlockLoader:
     """Endless batches of training blocks, reshuffled each epoch from `(seed, epoch)`.
 
-    An epoch yields `N // batch_size` full batches; the loader then starts the next epoch, so it never
-    runs dry. `state_dict()` is `{"epoch", "cursor"}`; loading it resumes at the same batch.
+    An epoch yields `N // (batch_size * world_size)` full global batches; the loader then starts the next
+    epoch, so it never runs dry. Over several ranks, rank r takes the r-th `batch_size` blocks of each global
+    batch, so the ranks read distinct blocks and together the blocks one process with `batch_size *
+    world_size` would read. `state_dict()` is `{"epoch", "cursor", "seed"}` (the cursor counts global blocks,
+    so a run resumed at another world size continues from the same place); loading it resumes at the same batch.
 
     Example:
         >>> loader = BlockLoader(train_blocks, batch_size=4, seed=0)
         >>> batch = loader.next_batch()  # (4, T)
     """
 
-    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int = 0):  # blocks: (N, T)
+    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):  # blocks: (N, T)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if batch_size > blocks.shape[0]:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+        if batch_size * world_size > blocks.shape[0]:
+            ranks = f" x {world_size} ranks" if world_size > 1 else ""
             raise CorpusError(
-                f"batch size {batch_size} is larger than the {blocks.shape[0]} training blocks; "
+                f"batch size {batch_size}{ranks} is larger than the {blocks.shape[0]} training blocks; "
                 f"use a smaller --batch-size or --block-size, or a longer corpus"
             )
         self.blocks = blocks
         self.batch_size = batch_size
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.cursor = 0
         self._order = self._permutation(0)
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.blocks.shape[0] // self.batch_size
+        return self.blocks.shape[0] // (self.batch_size * self.world_size)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.blocks.shape[0], generator=gen)
 
     def next_batch(self) -> torch.Tensor:  # (B, T)
-        if self.cursor + self.batch_size > self.blocks.shape[0]:
+        span = self.batch_size * self.world_size
+        if self.cursor + span > self.blocks.shape[0]:
             self.epoch += 1
             self.cursor = 0
             self._order = self._permutation(self.epoch)
-        idx = self._order[self.cursor: self.cursor + self.batch_size]
-        self.cursor += self.batch_size
+        start = self.cursor + self.rank * self.batch_size
+        idx = self._order[start: start + self.batch_size]
+        self.cursor += span
         return self.blocks[idx]
 
     def __iter__(self):

@@ -20,6 +20,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from .dtypes import dtype_name
+from .fsdp_trace import trace_fsdp_step
 from .gpus import gpu_card
 from .lm_loss import IMPLS
 from .optim import OPTIMIZERS
@@ -32,6 +33,7 @@ LOSS_IMPLS = (*IMPLS, "hf")  # traced as: naive and hf hold the full logits, the
 DEVICE_KINDS = ("cuda", "cpu")
 ATTN_IMPLS = ("sdpa", "eager")
 QUANTIZE = (None, "nf4")
+PARALLEL = ("none", "ddp", "fsdp2")  # ddp keeps a whole replica per rank: its estimate is the one-process one
 KERNEL_NAMES = {"flash": "flash kernel", "efficient": "memory-efficient kernel", "cpu": "CPU fused kernel",
                 "math": "math path (keeps the T² scores)"}
 
@@ -58,6 +60,8 @@ class StepConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"
     quantize: str | None = None  # "nf4": the base's linear layers in 4 bits (QLoRA, CUDA); train/quant.py
+    parallel: str = "none"  # fsdp2: the peak of one of `world_size` ranks (train/fsdp_trace.py)
+    world_size: int = 1
 
     def validate(self):
         """Checks every field; spells the dtypes canonically. Returns self."""
@@ -67,12 +71,20 @@ class StepConfig:
             if self.autocast == "fp32":
                 raise ValueError("autocast: expected None, 'bf16' or 'fp16', given 'fp32'")
         for name, allowed in (("loss_impl", LOSS_IMPLS), ("optimizer", OPTIMIZERS), ("device_kind", DEVICE_KINDS),
-                              ("attn_implementation", ATTN_IMPLS)):
+                              ("attn_implementation", ATTN_IMPLS), ("parallel", PARALLEL)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, given {getattr(self, name)!r}")
-        for name in ("batch_size", "block_size"):
+        for name in ("batch_size", "block_size", "world_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, given {getattr(self, name)!r}")
+        if self.parallel == "none" and self.world_size != 1:
+            raise ValueError(f"world_size: expected 1 without parallel (ddp or fsdp2), given {self.world_size}")
+        if self.lora and (self.parallel == "fsdp2" or self.quantize and self.parallel != "none"):
+            raise ValueError(f"parallel {self.parallel!r}: not with LoRA{' on a 4-bit base' if self.quantize else ''}; "
+                             f"expected parallel 'ddp' with LoRA, or 'none'")
+        if self.parallel != "none" and self.optimizer_in_backward:
+            raise ValueError(f"optimizer_in_backward: expected False with parallel {self.parallel!r} (the ranks "
+                             f"reduce the gradients after the backward)")
         if self.block_size < 2:
             raise ValueError(f"block_size: expected at least 2 tokens, given {self.block_size}")
         if self.gpu is not None:
@@ -140,7 +152,8 @@ class Estimate:
             f"tokens, {c.dtype}" + (f" + autocast {c.autocast}" if c.autocast else "")
             + f", loss {c.loss_impl}, {c.optimizer}" + (" in backward" if c.optimizer_in_backward else "")
             + (", grad checkpointing" if c.grad_checkpointing else "") + f", {c.device_kind}"
-            + (f" ({c.gpu})" if c.gpu else ""),
+            + (f" ({c.gpu})" if c.gpu else "")
+            + (f", {c.parallel} over {c.world_size} ranks: per rank" if c.parallel != "none" else ""),
             f"  {'part':<18}{'bytes':>14}  share",
         ]
         for name, n in self.breakdown.items():
@@ -198,7 +211,7 @@ def estimate_step(cfg=None, *, cuda_context_bytes=None, cublas_workspace_bytes=N
         >>> print(est.table(budget_bytes=parse_bytes("15GiB")))
     """
     cfg = (cfg or StepConfig(**kwargs)).validate()
-    traced = trace_step(cfg, top=top)
+    traced = trace_fsdp_step(cfg) if cfg.parallel == "fsdp2" else trace_step(cfg, top=top)
     tensor_peak = sum(traced["breakdown"].values())
     extra = _overheads(cfg, tensor_peak, cuda_context_bytes, cublas_workspace_bytes, allocator_margin)
     breakdown = {**traced["breakdown"], **extra}

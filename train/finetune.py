@@ -35,6 +35,7 @@ from .cli_common import fail
 from .cli_finetune import parse_args, print_dry_run, print_summary
 from .context import Hooks, RunContext, restore_train_state
 from .data import BlockLoader, make_blocks, split_blocks
+from .distributed import rank_main, start_parallel
 from .dtypes import torch_dtype
 from .lora import load_for_training
 from .memory import MemoryProfiler, apply_memory_cap, rss_peak_bytes
@@ -70,7 +71,7 @@ def _resume(ctx: RunContext, resume: Path, unit: Path):
     if state_unit != unit:
         raise UnitError(f"{resume}: the newest complete checkpoint changed while the run started ({unit.name} -> "
                         f"{state_unit.name})")
-    restore_train_state(ctx, state)
+    restore_train_state(ctx, state, state_unit)
     run = read_run_json(resume)
     changed = resume_changes(resumed_config(resume), ctx.config)
     ctx.resumes = list(run.get("resumes", [])) + [{"step": ctx.step, "changed": changed}]
@@ -82,7 +83,7 @@ def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = No
 
     `checked` is what `preflight.preflight(config)` found. Nothing is written here.
     """
-    device = checked.device
+    device, par = checked.device, checked.parallel
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if config.memory_budget and device.type == "cuda":
@@ -94,23 +95,24 @@ def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = No
     train_blocks, val_blocks = split_blocks(blocks, config.val_fraction)
     if config.eval_blocks:
         val_blocks = val_blocks[: config.eval_blocks]
-    loader = BlockLoader(train_blocks, config.batch_size, seed=config.seed)
+    loader = BlockLoader(train_blocks, config.batch_size, seed=config.seed, rank=par.rank, world_size=par.world_size)
     if config.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
+    model, loss_fn = par.wrap(model, loss_fn or make_loss_fn(config.loss), config)
     optimizer = make_optimizer(model, config.optimizer, device.type, lr=config.lr, weight_decay=config.weight_decay,
                                betas=(config.beta1, config.beta2), in_backward=config.optimizer_in_backward)
     ctx = RunContext(
         config=config, out=Path(config.out), device=device, model=model, tokenizer=tokenizer,
-        loss_fn=loss_fn or make_loss_fn(config.loss), train_blocks=train_blocks, val_blocks=val_blocks,
+        loss_fn=loss_fn, train_blocks=train_blocks, val_blocks=val_blocks,
         loader=loader, optimizer=optimizer, scheduler=make_scheduler(optimizer, config),
-        scaler=torch.amp.GradScaler(device.type) if config.dtype == "fp16" else None,
+        scaler=par.grad_scaler(device) if config.dtype == "fp16" else None,
         autocast=torch.autocast(device.type, dtype=torch_dtype(config.dtype), enabled=config.dtype != "fp32"),
         corpus_info={"path": str(checked.corpus_path), "characters": len(checked.text), "blocks": blocks.shape[0],
                      "train_blocks": train_blocks.shape[0], "val_blocks": val_blocks.shape[0],
                      "tokens": blocks.numel(), "sha256": hashlib.sha256(checked.text.encode()).hexdigest()},
-        run_id=uuid.uuid4().hex,
+        run_id=par.broadcast(uuid.uuid4().hex), parallel=par,
     )
     if config.resume:
         ctx.run_id = read_run_json(config.resume).get("run_id", "")
@@ -132,20 +134,20 @@ def train_step(ctx: RunContext) -> dict:
     c = ctx.config
     t0 = time.perf_counter()
     micro = [ctx.loader.next_batch().to(ctx.device, non_blocking=True) for _ in range(c.grad_accum)]
-    lr = ctx.optimizer.param_groups[0]["lr"]
+    lr, par, tokens = ctx.optimizer.param_groups[0]["lr"], ctx.parallel, ctx.parallel.global_count(target_count(micro))
     phase = ctx.profiler.phase if ctx.profiler is not None else (lambda name: contextlib.nullcontext())
-    loss = accumulate_gradients(ctx.model, micro, ctx.loss_fn, ctx.autocast, ctx.scaler, phase)
+    loss = accumulate_gradients(ctx.model, micro, ctx.loss_fn, ctx.autocast, ctx.scaler, phase,
+                                par.loss_divisor(tokens), par.no_sync(ctx.model))
     norm = None
     if not c.optimizer_in_backward:  # else each parameter was stepped in the backward
         with phase("optimizer_step"):
             norm = float(optimizer_step(ctx.optimizer, ctx.params, c.clip, ctx.scaler))
     ctx.scheduler.step()
-    loss = float(loss)
+    loss = par.mean(loss)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     dt = time.perf_counter() - t0
     ctx.step += 1
-    tokens = target_count(micro)
     return {"kind": "train", "step": ctx.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens,
             "tokens_per_s": tokens / dt, "step_s": dt, "peak_mem_mb": _peak_memory_mb(ctx.device),
             "epoch": ctx.loader.epoch}
@@ -204,7 +206,8 @@ def train_loop(ctx: RunContext, hooks: Hooks):
         record = _eval_record(ctx)
         ctx.metrics.append(record)
         tqdm.write(f"step {ctx.step}: val loss {record['val_loss']:.4f}, val ppl {record['val_ppl']:.2f}")
-    bar = tqdm(total=c.iters, initial=ctx.step, desc="finetune", unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=c.iters, initial=ctx.step, desc="finetune", unit="step", dynamic_ncols=True,
+               disable=None if ctx.parallel.is_main else True)
     with bar:
         while ctx.step < c.iters and not ctx.stop_requested:
             profiled = ctx.profiler.step(ctx.step + 1) if ctx.profiler is not None else contextlib.nullcontext()
@@ -222,10 +225,11 @@ def train_loop(ctx: RunContext, hooks: Hooks):
                 bar.write(f"step {ctx.step}: val loss {ev['val_loss']:.4f}, val ppl {ev['val_ppl']:.2f}")
             for fn in hooks.on_step:
                 fn(ctx, record)
-            write_metrics(ctx)
-            if ctx.step < c.iters and not ctx.stop_requested and _save_due(ctx):
+            ctx.parallel.call(write_metrics, ctx)
+            ctx.stop_requested, due = ctx.parallel.agree(ctx.stop_requested, _save_due(ctx))
+            if ctx.step < c.iters and not ctx.stop_requested and due:
                 with _no_interrupt(ctx):
-                    write_unit(ctx)
+                    ctx.parallel.call(write_unit, ctx)
 
 
 def _handle_oom(ctx: RunContext, message: str, hooks: Hooks):
@@ -275,8 +279,9 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
     hooks = hooks or Hooks()
     config = cfg.validate(config)
     checked = preflight(config, overwrite=overwrite, dry_run=dry_run)
+    par = start_parallel(config, checked)
     if dry_run or config.memory_budget or config.gpu:
-        config, plan = plan_memory(config, checked.model_ref)
+        config, plan = par.broadcast(plan_memory(config, checked.model_ref, par.world_size) if par.is_main else None)
         print(plan, flush=True)
         if dry_run:
             return {"status": "dry-run", "config": cfg.to_dict(config), "plan": plan}
@@ -284,16 +289,16 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
     if config.lr >= HIGH_LR:
         warnings.warn(f"lr {config.lr:g} is high for fine-tuning a pretrained model (>= {HIGH_LR:g}); "
                       f"1e-5 to 2e-4 is the usual range", stacklevel=2)
-    removed = claim_out(ctx.out, overwrite, fresh=not config.resume)
+    removed = claim_out(ctx.out, overwrite, fresh=not config.resume) if par.is_main else []
     if removed:
         print(f"removed from {ctx.out}: {', '.join(removed)}", flush=True)
     for fn in hooks.on_setup:
-        fn(ctx)
+        par.call(fn, ctx, main_only=False)
     if ctx.stop:
         ctx.status = "stopped"
         return summary(ctx)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    write_run_json(ctx)
+    par.call(write_run_json, ctx)
     ctx.profiler = MemoryProfiler(ctx.model, ctx.optimizer, device=ctx.device, out_dir=str(ctx.out),
                                   snapshot=config.memory_snapshot)
     oom = None
@@ -335,4 +340,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    sys.exit(rank_main(main))

@@ -29,6 +29,7 @@ import sys
 import weakref
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -42,7 +43,13 @@ PHASES = ("weights_loaded", "forward", "backward", "optimizer_step")
 _PHASE_KIND = {"forward": "activations", "backward": "temporaries", "optimizer_step": "temporaries"}
 
 
+def _local(t):
+    """A DTensor's shard on this rank (what this process holds); any other value as it is."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
 def _storages(t):
+    t = _local(t)
     if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
         return []
     return [t.untyped_storage()]
@@ -157,7 +164,7 @@ def rss_peak_bytes() -> int:
 
 def _tensor_bytes(tensors):
     seen, n = set(), 0
-    for t in tensors:
+    for t in map(_local, tensors):
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             st = t.untyped_storage()
             if st.data_ptr() not in seen:
@@ -195,6 +202,7 @@ class MemoryProfiler:
         self.steps, self.phase_peaks, self._current = [], {}, None
         self.peak = {"bytes": 0, "step": None, "phase": None, "breakdown": {}, "top_modules": []}
         self.counter = None
+        self.extra = {}  # more top-level entries of the report (e.g. every rank's peak, train/distributed.py)
         self._module_handles, self._module_stack, self._module_peaks = [], [], {}
         if self.snapshot:
             torch.cuda.memory._record_memory_history(max_entries=200_000)
@@ -357,7 +365,7 @@ class MemoryProfiler:
         """The report as a dict: `peak` (bytes, step, phase, breakdown adding up to bytes, top_modules),
         `phases` (the largest reading of each phase), `steps`, and the device."""
         return {"device": str(self.device), "peak": self.peak, "phases": self.phase_peaks, "steps": self.steps,
-                "rss_peak_bytes": rss_peak_bytes(), "oom": getattr(self, "oom", None)}
+                "rss_peak_bytes": rss_peak_bytes(), "oom": getattr(self, "oom", None), **self.extra}
 
     def table(self):
         p = self.peak

@@ -136,5 +136,5 @@ OWN_FILES = ("run.json", *dict.fromkeys(f.rstrip("/") for names in _FILES.values
 def write_outputs(ctx, status: str, writers: dict | None = None):
     """Sets `ctx.status` and writes the files of a run that ended so (`writers` overrides `WRITERS` per status)."""
     ctx.status = status
-    for writer in (writers or {}).get(status, WRITERS[status]):
-        writer(ctx)
+    for writer in ctx.parallel.order((writers or {}).get(status, WRITERS[status])):
+        ctx.parallel.call(writer, ctx)

@@ -25,9 +25,9 @@ def device_kind(name: str) -> str:
     return "cuda" if name.startswith("cuda") else "cpu"
 
 
-def step_config(config: cfg.TrainConfig, kind: str) -> StepConfig:
+def step_config(config: cfg.TrainConfig, kind: str, world_size: int = 1) -> StepConfig:
     """The estimate's `StepConfig` for one micro-batch of `config` on a `kind` device (LoRA: the base in
-    `config.dtype`, as `lora.load_for_training` loads it)."""
+    `config.dtype`, as `lora.load_for_training` loads it), one of `world_size` ranks."""
     return StepConfig(
         model=config.model, batch_size=config.batch_size, block_size=config.block_size,
         dtype=config.dtype if config.lora else "fp32", autocast=None if config.dtype == "fp32" else config.dtype,
@@ -35,17 +35,20 @@ def step_config(config: cfg.TrainConfig, kind: str) -> StepConfig:
         optimizer_in_backward=config.optimizer_in_backward, device_kind=kind, gpu=config.gpu, lora=config.lora,
         lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         lora_targets=config.lora_targets, quantize="nf4" if config.qlora else None,
+        parallel=config.parallel if world_size > 1 else "none", world_size=world_size,
     )
 
 
-def plan_memory(config: cfg.TrainConfig, model_ref: str | None = None) -> tuple[cfg.TrainConfig, str]:
+def plan_memory(config: cfg.TrainConfig, model_ref: str | None = None,
+                world_size: int = 1) -> tuple[cfg.TrainConfig, str]:
     """The estimate's view of `config`, from the model's config alone (no weights, no GPU).
 
     With `config.memory_budget` (default with `config.gpu`: the card's usable memory), the settings are those
     `budget.choose_for_train_config` picks to fit (batch_size * grad_accum sequences per step kept); without,
     the config is kept and its estimate shown. The device kind follows `config.device` (cuda or cuda:N plans
     for CUDA even on a machine without one), and is CUDA with `config.gpu`. `model_ref` is where the model's
-    config is read (default `config.model`; a resumed run's unit).
+    config is read (default `config.model`; a resumed run's unit). Over `world_size` ranks the estimate and
+    the budget are per rank.
 
     Returns:
         (the config to run, the printable plan).
@@ -57,11 +60,11 @@ def plan_memory(config: cfg.TrainConfig, model_ref: str | None = None) -> tuple[
     check_positions(config.block_size, load_config(model_ref))
     kind = "cuda" if config.gpu else device_kind(config.device)
     if config.memory_budget is None and config.gpu is None:
-        return config, estimate_step(replace(step_config(config, kind), model=model_ref)).table()
+        return config, estimate_step(replace(step_config(config, kind, world_size), model=model_ref)).table()
     budget = parse_bytes(config.memory_budget) if config.memory_budget else GPUS[config.gpu].usable_bytes
     label = config.memory_budget or f"{format_bytes(budget)} (the {config.gpu}'s usable memory)"
     try:
-        choice = choose_for_train_config(replace(config, model=model_ref), budget, kind)
+        choice = choose_for_train_config(replace(config, model=model_ref), budget, kind, world_size=world_size)
     except NothingFits as e:
         print(e.estimate.table(budget))
         raise

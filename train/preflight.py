@@ -8,7 +8,7 @@ just before the first write.
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from .gpus import check_properties
 from .lora import check_lora_targets
 from .models import load_tokenizer, resolve_model
 from .outputs import OWN_FILES, RUN_SCHEMA
+from .parallel import Parallel
 from .quant import check_qlora
 from .settings import read_run_json
 
@@ -32,12 +33,13 @@ __all__ = ["Checked", "preflight", "check_dtype", "check_gpu", "claim_out"]
 @dataclass
 class Checked:
     """What the checks found, for setup to use: the device, the corpus text and its path, the model to load (on
-    resume: the newest complete unit)."""
+    resume: the newest complete unit), and the ranks (one process until `distributed.start_parallel`)."""
 
     device: torch.device
     corpus_path: Path
     text: str
     model_ref: str
+    parallel: Parallel = field(default_factory=Parallel)
 
 
 def check_dtype(dtype: str, device: torch.device):

@@ -44,21 +44,26 @@ def _no_phase(name):
 
 
 def accumulate_gradients(model, micro_batches, loss_fn: LossFn, autocast=None, scaler=None,
-                         phase=_no_phase) -> torch.Tensor:
+                         phase=_no_phase, num_items=None, no_sync=None) -> torch.Tensor:
     """Backpropagates each micro-batch (B, T) with the loss normalized by the global target count.
 
     `phase(name)` is a context manager around each "forward" and "backward" (e.g. `MemoryProfiler.phase`).
+    `num_items` is what each summed loss is divided by (default: the micro-batches' target count; over several
+    ranks `parallel.Parallel.loss_divisor`). `no_sync()`, when given, is a context that holds the gradient
+    reduction of data parallelism off: every micro-batch but the last runs inside it.
 
     Returns:
-        the step's mean token loss (0-dim, detached).
+        the step's mean token loss (0-dim, detached); over several ranks this rank's share of it, times W.
     """
-    num_items = target_count(micro_batches)
+    num_items = target_count(micro_batches) if num_items is None else num_items
     total = torch.zeros((), device=micro_batches[0].device)
-    for blocks in micro_batches:
-        with phase("forward"), autocast or contextlib.nullcontext():
-            loss = loss_fn(model, blocks, num_items)
-        with phase("backward"):
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+    for i, blocks in enumerate(micro_batches):
+        held = no_sync() if no_sync is not None and i < len(micro_batches) - 1 else contextlib.nullcontext()
+        with held:
+            with phase("forward"), autocast or contextlib.nullcontext():
+                loss = loss_fn(model, blocks, num_items)
+            with phase("backward"):
+                (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach().float()
         del loss
     return total

@@ -15,7 +15,7 @@ from .lora import lora_meta_model
 from .meta_trace import AutocastEmulation, SdpaStandIn, run_backward, unpacked_sequences
 from .optim import make_optimizer
 
-__all__ = ["build_meta_model", "trace_step"]
+__all__ = ["build_meta_model", "trace_step", "traced_step"]
 
 _KINDS = {"Parameter": "parameters", "Buffer": "parameters", "Gradient": "gradients", "Optstate": "optimizer_state",
           "Activation": "activations", "Temp": "temporaries", "Other": "temporaries"}
@@ -78,6 +78,24 @@ def _top_modules(mt, top):
     return kept[1:top + 1] if len(kept) > 1 else kept
 
 
+def traced_step(cfg, tracker, forward, opt):
+    """`forward()` (which returns the loss), the backward and `opt`'s step of `cfg`, under `tracker` and the
+    stand-ins of train/meta_trace.py; returns the SDPA stand-in, which counts the attention kernels."""
+    autocast = AutocastEmulation(torch_dtype(cfg.autocast), cfg.device_kind) if cfg.autocast \
+        else contextlib.nullcontext()
+    sdpa = SdpaStandIn(cfg.device_kind, GPUS[cfg.gpu].capability if cfg.gpu else None)
+    with warnings.catch_warnings(), unpacked_sequences(), sdpa, autocast, tracker:
+        warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
+        loss = forward()
+        if cfg.autocast:
+            autocast.clear_cache()
+        run_backward(loss)
+        del loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return sdpa
+
+
 def trace_step(cfg, top=5):
     """Peak breakdown {category: bytes}, top modules, parameter count and attention calls by kernel of one
     traced step of `cfg`."""
@@ -96,18 +114,7 @@ def trace_step(cfg, top=5):
     mt = _PeakTracker()
     mt.skip_frozen(model)
     mt.track_external(model, *states, ids)
-    autocast = AutocastEmulation(torch_dtype(cfg.autocast), cfg.device_kind) if cfg.autocast \
-        else contextlib.nullcontext()
-    sdpa = SdpaStandIn(cfg.device_kind, GPUS[cfg.gpu].capability if cfg.gpu else None)
-    with warnings.catch_warnings(), unpacked_sequences(), sdpa, autocast, mt:
-        warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
-        loss = causal_lm_loss(model, ids, impl=cfg.traced_loss, all_targets_valid=True)
-        if cfg.autocast:
-            autocast.clear_cache()
-        run_backward(loss)
-        del loss
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    sdpa = traced_step(cfg, mt, lambda: causal_lm_loss(model, ids, impl=cfg.traced_loss, all_targets_valid=True), opt)
     peak = mt.get_tracker_snapshot("peak").get(torch.device("meta"), {})
     breakdown = dict.fromkeys(("parameters", "gradients", "optimizer_state", "activations", "temporaries"), 0)
     for kind, n in peak.items():
