@@ -62,7 +62,7 @@ def _publish(dg_ptr, state4, mask, H, da_i, da_f, da_g, da_o):
     tl.store(dg_ptr + state4 + 3 * H, da_o.to(dty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_first", "n_stages"])
 def _lstm_bwd_persistent_kernel(
     xw_ptr,  # (T, B, 4H), read when RECOMPUTE
     w_ptr,  # (4H, H) W_hh

@@ -49,7 +49,7 @@ def gate_columns(H, BLOCK_J: tl.constexpr):
     return (r % 4) * H + units, units < H
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_first", "n_stages"])
 def _lstm_fwd_persistent_kernel(
     xw_ptr,  # (T, B, 4H) x W_ih^T + b_ih + b_hh
     w_ptr,  # (4H, H) W_hh
