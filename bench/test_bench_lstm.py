@@ -2,10 +2,12 @@
 """LSTM timings: `lstm_core` (reference) against `nn.LSTM` (torch), forward and forward+backward.
 
 On CUDA, `test_bench_lstm_gpu` times `reference`, `triton` (`LSTM(backend="triton")`,
-i.e. `kernels.fused_lstm`) and `cudnn` (`nn.LSTM`) at the issue's shapes in fp32, bf16 and
-fp16; peak memory per call goes in `extra_info` too, and `bench/lstm_gpu_table.py` turns
-the JSON into Triton/cuDNN ratios. Those cases are skipped without CUDA: interpreter
-timings mean nothing.
+i.e. `kernels.fused_lstm` with `variant="auto"`) and `cudnn` (`nn.LSTM`) at the issue's shapes in
+fp32, bf16 and fp16; `test_bench_lstm_variants_gpu` times the fused variants one by one
+(`persistent`, `tiled`) against cuDNN at the shapes the persistent kernel is for (FlashRNN's chart,
+B16 T1024 H768, and cuDNN's persistent limit, B64 T512 H1024) in bf16 and fp16. Peak memory per
+call goes in `extra_info` too, and `bench/lstm_gpu_table.py` turns the JSON into ratios against
+cuDNN. Those cases are skipped without CUDA: interpreter timings mean nothing.
 
 Every provider includes the input projection (x W_ih^T) in its time. Tokens per second
 (T*B per call) goes in `extra_info`. `scripts/bench.sh` runs this for real; the test
@@ -86,34 +88,60 @@ def _gpu_step(model, x, grad, mode):
 NO_CUDA = "Triton and cuDNN timings need CUDA; interpreter timings mean nothing"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", list(GPU_PROVIDERS))
-@pytest.mark.parametrize("dtype", list(GPU_DTYPES))
-@pytest.mark.parametrize("shape", list(GPU_SHAPES))
-def test_bench_lstm_gpu(benchmark, shape, dtype, provider, mode):
-    s, dt = GPU_SHAPES[shape], GPU_DTYPES[dtype]
+def _bench_against_cudnn(benchmark, s, dtype, make_model, rounds, group, **info):
+    """Checks one provider's output against cuDNN's once, then times `_gpu_step` and records peak memory."""
+    dt = GPU_DTYPES[dtype]
     torch.manual_seed(0)
     cudnn = torch.nn.LSTM(s["I"], s["H"]).cuda().to(dt)
-    model = GPU_PROVIDERS[provider](s["I"], s["H"]).cuda().to(dt)
+    model = make_model(s["I"], s["H"]).cuda().to(dt)
     model.load_state_dict(cudnn.state_dict())
-    x = torch.randn(s["T"], s["B"], s["I"], device="cuda", dtype=dt, requires_grad=mode != "fwd")
+    x = torch.randn(s["T"], s["B"], s["I"], device="cuda", dtype=dt, requires_grad=info["mode"] != "fwd")
     grad = torch.randn(s["T"], s["B"], s["H"], device="cuda", dtype=dt)
     with torch.no_grad():
         expected = cudnn(x)[0].float()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out = _gpu_step(model, x, grad, mode).float()
+    out = _gpu_step(model, x, grad, info["mode"]).float()
     peak = torch.cuda.max_memory_allocated() - base
     tol = GPU_CHECK_TOL[dtype]
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
-    benchmark.group = f"lstm-gpu-{shape}-{dtype}-{mode}"
+    benchmark.group = group
     benchmark.extra_info.update(
-        s, shape=shape, dtype=dtype, provider=provider, mode=mode, device=torch.cuda.get_device_name(),
-        input_projection="included", peak_mem_mb=peak / 2**20,
-        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, triton_fp32_dot="ieee",
+        s, dtype=dtype, device=torch.cuda.get_device_name(), input_projection="included", peak_mem_mb=peak / 2**20,
+        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, triton_fp32_dot="ieee", **info,
     )
-    benchmark.pedantic(_gpu_step, args=(model, x, grad, mode), rounds=GPU_ROUNDS[provider], warmup_rounds=1)
+    benchmark.pedantic(_gpu_step, args=(model, x, grad, info["mode"]), rounds=rounds, warmup_rounds=1)
     if benchmark.stats:
         benchmark.extra_info["tokens_per_s"] = s["T"] * s["B"] / benchmark.stats.stats.mean
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", list(GPU_PROVIDERS))
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES))
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_bench_lstm_gpu(benchmark, shape, dtype, provider, mode):
+    _bench_against_cudnn(benchmark, GPU_SHAPES[shape], dtype, GPU_PROVIDERS[provider], GPU_ROUNDS[provider],
+                         f"lstm-gpu-{shape}-{dtype}-{mode}", shape=shape, provider=provider, mode=mode)
+
+
+VARIANT_SHAPES = {
+    "flashrnn-T1024-B16-H768": dict(T=1024, B=16, I=768, H=768),
+    "cudnn-persist-T512-B64-H1024": dict(T=512, B=64, I=1024, H=1024),
+}
+VARIANT_PROVIDERS = {
+    "persistent": lambda I, H: LSTM(I, H, backend="triton", variant="persistent"),
+    "tiled": lambda I, H: LSTM(I, H, backend="triton", variant="tiled"),
+    "cudnn": lambda I, H: torch.nn.LSTM(I, H),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", list(VARIANT_PROVIDERS))
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("shape", list(VARIANT_SHAPES))
+def test_bench_lstm_variants_gpu(benchmark, shape, dtype, provider, mode):
+    _bench_against_cudnn(benchmark, VARIANT_SHAPES[shape], dtype, VARIANT_PROVIDERS[provider], 5,
+                         f"lstm-variants-{shape}-{dtype}-{mode}", shape=shape, provider=provider, mode=mode)

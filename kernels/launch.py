@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["KernelConfig", "SHARED_LIMIT", "device_arch", "launch", "record_launches", "shared_limit"]
+__all__ = ["KernelConfig", "SHARED_LIMIT", "device_arch", "device_sms", "launch", "record_launches", "shared_limit"]
 
 SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
                 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
@@ -35,6 +35,13 @@ def device_arch(device: torch.device) -> int | None:
         return None
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
+
+
+def device_sms(device: torch.device) -> int | None:
+    """The number of SMs of a CUDA device (a persistent grid's upper bound), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @dataclass(frozen=True)
@@ -57,14 +64,17 @@ class RecordedLaunch:
 _RECORDER: contextvars.ContextVar = contextvars.ContextVar("leanfit_launch_recorder", default=None)
 
 
-def launch(cfg: KernelConfig, *args, **flags) -> None:
-    """Runs `cfg.kernel[cfg.grid](*args, **flags, **cfg.meta)`, or records it inside `record_launches()`."""
+def launch(cfg: KernelConfig, *args, **flags) -> bool:
+    """Runs `cfg.kernel[cfg.grid](*args, **flags, **cfg.meta)` and returns True, or records it inside
+    `record_launches()` and returns False (a launcher that reads results back then stops)."""
     kwargs = {**flags, **cfg.meta}
     recorder = _RECORDER.get()
     if recorder is None:
         cfg.kernel[cfg.grid](*args, **kwargs)
-    elif recorder[1]:
+        return True
+    if recorder[1]:
         recorder[0].append(RecordedLaunch(cfg.kernel, cfg.grid, args, kwargs))
+    return False
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .launch import KernelConfig, device_arch, launch
+from .launch import KernelConfig, device_arch, device_sms, launch
 from .lce_chunked import LCEOptions, no_autocast
 from .lstm_compat import patch_interpreter_index
 
@@ -234,10 +234,6 @@ def lce_bwd_config(n: int, v: int, width: int, dtype: torch.dtype, arch: int | N
     return KernelConfig(_lce_bwd_kernel, (triton.cdiv(rows, meta["BN"]), triton.cdiv(v, meta["BV"])), meta), rows
 
 
-def _num_sms(device: torch.device) -> int | None:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
-
-
 def _combine(part: torch.Tensor, target: torch.Tensor, opts: LCEOptions, v: int):
     """Per-row loss (0 where ignored) and lse from the (4, S, N) forward partials."""
     m, s, z_t, z_sum = part.unbind(0)
@@ -261,7 +257,7 @@ def lce_triton_forward(
     n, width = hidden.shape
     v = weight.shape[0]
     arch = device_arch(hidden.device) if arch is None else arch
-    num_sms = _num_sms(hidden.device) if num_sms is None else num_sms
+    num_sms = device_sms(hidden.device) if num_sms is None else num_sms
     cfg, per_split = lce_fwd_config(n, v, hidden.dtype, arch, num_sms, bias is not None, opts.softcap)
     part = torch.full((4, cfg.grid[1], n), float("nan"), dtype=torch.float32, device=hidden.device)
     launch(cfg, hidden, weight, hidden if bias is None else bias, target, part, n, per_split,

@@ -12,10 +12,13 @@ fp32 inputs use `input_precision="ieee"` (no TF32). Derivations: `kernels/README
 
 import torch
 
-from .launch import KernelConfig, device_arch, launch
+from .launch import KernelConfig, device_arch, device_sms, launch
 from .lstm_bwd import _lstm_bwd_onchip_kernel
 from .lstm_compat import patch_interpreter_index
 from .lstm_config import INTERPRETED, VARIANTS, lstm_config
+from .lstm_persistent import persistent_bwd, persistent_fwd
+from .lstm_persistent_bwd import _lstm_bwd_persistent_kernel
+from .lstm_persistent_fwd import _lstm_fwd_persistent_kernel
 
 __all__ = ["fused_lstm"]
 
@@ -43,7 +46,9 @@ def lstm_fwd(
     c[0] = c0
     gates = torch.full((T, B, G), float("nan"), dtype=torch.float32, device=xw.device) if store_gates else c
     h_n = torch.full((B, H), float("nan"), dtype=xw.dtype, device=xw.device)
-    if B:
+    if B and cfg.kernel is _lstm_fwd_persistent_kernel:
+        persistent_fwd(xw, w_hh, h, c, gates, h_n, lengths, cfg, store_gates)
+    elif B:
         launch(cfg, xw, w_hh, h, c, gates, h_n, lengths, T, B, H, STORE_GATES=store_gates)
     return h, c, (gates if store_gates else None), h_n
 
@@ -64,6 +69,8 @@ def lstm_bwd(
     T, B, H = dout.shape
     recompute = gates is None
     xw, gates = (xw, c) if recompute else (c, gates)
+    if B and cfg.kernel is _lstm_bwd_persistent_kernel:
+        return persistent_bwd(xw, w_hh, h, c, gates, dout, dh_n.float(), dc_n.float(), lengths, cfg, recompute)
     dg = torch.full((T, B, 4 * H), float("nan"), dtype=h.dtype, device=h.device)
     dh = dh_n.float().contiguous()
     dc = dc_n.float().contiguous()
@@ -121,13 +128,15 @@ class FusedLSTMFunction(torch.autograd.Function):
         )
 
 
-def _check_args(x, w_hh, w_hr, variant):
+def _check_args(x, w_hh, w_hr, variant, block_j):
     if w_hr is not None:
         raise ValueError(
             "fused_lstm does not support a projection (proj_size > 0): expected w_hr=None, got a tensor"
         )
     if variant not in VARIANTS:
         raise ValueError(f"fused_lstm: variant must be one of {VARIANTS}, got {variant!r}")
+    if block_j is not None and (not isinstance(block_j, int) or block_j < 1 or block_j & (block_j - 1)):
+        raise ValueError(f"fused_lstm: expected block_j a power of two >= 1 or None, got {block_j!r}")
     if x.dim() != 3 or x.shape[0] == 0:
         raise ValueError(f"fused_lstm: expected x of shape (T, B, I) with T >= 1, got {tuple(x.shape)}")
     if w_hh.dim() != 2 or w_hh.shape[0] != 4 * w_hh.shape[1]:
@@ -183,6 +192,7 @@ def fused_lstm(
     block_b: int = 16,
     block_n: int | None = None,
     block_k: int | None = None,
+    block_j: int | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """One direction of one LSTM layer, forward in time, with a Triton recurrence.
 
@@ -196,11 +206,17 @@ def fused_lstm(
         recompute: store only `h` and `c` for the backward and recompute the gates
             there (saves the `(T, B, 4H)` fp32 gate buffer, costs one more matmul and
             the recurrent product again).
-        variant: "onchip" keeps `W_hh` on chip (small H: up to 64, 32 on sm_75 and for fp32 on
-            sm_86/89; wider raises ValueError), "tiled" streams it in `(block_k, block_n)` tiles
-            every step; "auto" picks onchip where it fits. See `kernels/lstm_config.py`.
-        block_b, block_n, block_k: batch rows per program and the tiled variant's tiles
-            (powers of two, at least 16); by default the tiles suit the GPU's architecture.
+        variant: "onchip" keeps `W_hh` on chip in each program (small H: up to 64, 32 on sm_75
+            and for fp32 on sm_86/89; wider raises ValueError), "persistent" splits it over at
+            most one program per SM with a grid barrier per step (raises ValueError where the
+            grid or the slice does not fit), "tiled" streams it in `(block_k, block_n)` tiles
+            every step; "auto" picks onchip, else persistent, else tiled, where each fits (under
+            the interpreter onchip or tiled). See `kernels/README.md` and `kernels/lstm_config.py`.
+        block_b, block_n, block_k: batch rows per program (per block, for persistent) and the
+            tiled variant's tiles (powers of two, at least 16); by default the tiles suit the
+            GPU's architecture.
+        block_j: hidden units per persistent program (a power of two); by default the fewest
+            that keep the grid within the GPU's SMs (8 under the interpreter).
 
     Returns:
         `(out, (h_n, c_n))`: `out` (T, B, H), `h_n` and `c_n` (B, H), in `x`'s dtype.
@@ -213,11 +229,11 @@ def fused_lstm(
         >>> out.shape
         torch.Size([5, 3, 16])
     """
-    _check_args(x, w_hh, w_hr, variant)
+    _check_args(x, w_hh, w_hr, variant, block_j)
     _check_tensors(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
     H = w_hh.shape[1]
     _, fwd_cfg, bwd_cfg = lstm_config(x.shape[1], H, x.dtype, device_arch(x.device), variant, block_b, block_n,
-                                      block_k)
+                                      block_k, device_sms(x.device), block_j)
     if lengths is None:
         lengths = torch.full((x.shape[1],), x.shape[0], dtype=torch.int32, device=x.device)
     lengths = lengths.to(device=x.device, dtype=torch.int32).contiguous()

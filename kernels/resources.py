@@ -42,7 +42,7 @@ __all__ = ["ARCHS", "Case", "Row", "cases", "measure", "ptxas_path"]
 
 ARCHS = (75, 80, 90)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LSTM_H = (32, 64, 100, 256, 768, 1024)
+LSTM_H = (32, 64, 100, 256, 512, 768, 1024)
 # T and B divisible by 16, as at typical training shapes; with H divisible by 16 too, every address the
 # kernels form is then known to be 16-byte aligned.
 LSTM_T, LSTM_B = 64, 64
@@ -200,7 +200,10 @@ _NOT_CONFIG = ("PRECISION", "PREC", "DOT_F32")
 
 
 def _config_text(launch) -> str:
-    return " ".join(f"{k}={v}" for k, v in launch.kwargs.items() if k not in _NOT_CONFIG)
+    """Constexprs and compiler options of a launch (not its tensors and runtime scalars), and its grid."""
+    runtime = {p.name for p in launch.kernel.params if not p.is_constexpr}
+    items = [f"{k}={v}" for k, v in launch.kwargs.items() if k not in _NOT_CONFIG and k not in runtime]
+    return " ".join(items + [f"grid={'x'.join(map(str, launch.grid))}"])
 
 
 def _compile(launch, arch: int) -> dict:
@@ -300,6 +303,8 @@ def _cell(r: Row) -> str:
         return "does not compile"
     cfg = dict(item.split("=", 1) for item in r.config.split())
     tiles = "x".join(cfg[k] for k in _TILE_KEYS if k in cfg)
+    if "BLOCK_J" in cfg:
+        tiles = f"J{cfg['BLOCK_J']} B{cfg['BLOCK_B']} x{cfg['grid']}"
     tiles += f" w{cfg.get('num_warps', 4)}" + (f" s{cfg['num_stages']}" if "num_stages" in cfg else "")
     spill = f"{r.spill_stores}" if r.spill_stores == r.spill_loads else f"{r.spill_stores}/{r.spill_loads}"
     return f"{r.registers} / {spill} / {r.shared // 1024} ({tiles})"

@@ -7,6 +7,7 @@ runs as a padded batch with per-row lengths; a reverse direction reverses each
 row within its own length, so both directions see the same `lstm_layer`.
 """
 
+import functools
 import math
 
 import torch
@@ -120,12 +121,26 @@ def _reverse_rows(x, lengths):
     return x.gather(0, idx.unsqueeze(-1).expand_as(x))
 
 
-def _layer_fn(backend):
+def _layer_fn(backend, variant, recompute):
     if backend == "reference":
         return lstm_layer
     from ..kernels.lstm import fused_lstm  # deferred: Triton is needed only for this backend, and slow to import
 
-    return fused_lstm
+    return functools.partial(fused_lstm, variant=variant, recompute=recompute)
+
+
+def _check_kernel_options(backend, variant, recompute):
+    """`variant` and `recompute` choose the fused kernel, so they need backend='triton'."""
+    check_flag("recompute", recompute)
+    if backend == "reference":
+        if variant != "auto" or recompute:
+            raise LSTMError(f"variant and recompute choose the fused kernel: expected backend='triton' with "
+                            f"variant={variant!r}, recompute={recompute}, got backend='reference'")
+        return
+    from ..kernels.lstm import VARIANTS  # deferred: importing kernels.lstm imports Triton
+
+    if variant not in VARIANTS:
+        raise LSTMError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
 def _check_backend(backend, proj_size, dtype):
@@ -153,7 +168,10 @@ class LSTM(nn.Module):
 
     Args are those of `nn.LSTM`, plus `backend`: `"reference"` (this package's
     autograd loop) or `"triton"` (`kernels.fused_lstm`, CUDA or the Triton
-    interpreter; no `proj_size`, no fp64). `forward(input, hx=None)` takes
+    interpreter; no `proj_size`, no fp64), and for `"triton"` the kernel's
+    `variant` (`"auto"`, `"onchip"`, `"persistent"`, `"tiled"`; see
+    `kernels/README.md`) and `recompute` (recompute the gates in the backward
+    instead of storing them). `forward(input, hx=None)` takes
     `(T, B, I)`, `(B, T, I)` with `batch_first`, unbatched `(T, I)` or a
     `PackedSequence`, and returns `(output, (h_n, c_n))` as `nn.LSTM` does.
 
@@ -189,6 +207,8 @@ class LSTM(nn.Module):
         device=None,
         dtype=None,
         backend="reference",
+        variant="auto",
+        recompute=False,
     ):
         super().__init__()
         check_dropout(dropout, num_layers)
@@ -200,9 +220,11 @@ class LSTM(nn.Module):
         check_size("num_layers", num_layers)
         check_proj_size(proj_size, hidden_size)
         _check_backend(backend, proj_size, dtype or torch.get_default_dtype())
+        _check_kernel_options(backend, variant, recompute)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size, self.backend = bool(bidirectional), proj_size, backend
+        self.variant, self.recompute = variant, recompute
         self.num_directions = 2 if bidirectional else 1
         factory = {"device": device, "dtype": dtype}
         out_size = proj_size or hidden_size
@@ -239,7 +261,8 @@ class LSTM(nn.Module):
     def extra_repr(self):
         s = f"{self.input_size}, {self.hidden_size}"
         for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
-                              ("bidirectional", False), ("proj_size", 0), ("backend", "reference")):
+                              ("bidirectional", False), ("proj_size", 0), ("backend", "reference"),
+                              ("variant", "auto"), ("recompute", False)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)!r}"
         return s
@@ -300,7 +323,7 @@ class LSTM(nn.Module):
         if self.backend == "triton":
             _check_backend(self.backend, self.proj_size, x.dtype)
         h0, c0 = self._initial_state(hx, x, kind)
-        layer_fn = _layer_fn(self.backend)
+        layer_fn = _layer_fn(self.backend, self.variant, self.recompute)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outs = []

@@ -150,23 +150,29 @@ def test_module_layers_bidirectional_dropout_states(device):
         assert_close(f"d{name}", r, grads_p[name], table=TOL)
 
 
-def test_module_packed_sequence(device):
-    ref, fused = _twin_lstms(device, input_size=6, hidden_size=16, bidirectional=True)
-    x = torch.randn(7, 3, 6, device=device)
-    lengths = torch.tensor([4, 7, 2])
-    results = []
-    for m in (ref, fused):
-        xi = x.clone().requires_grad_()
-        out, (h_n, c_n) = m(pack_padded_sequence(xi, lengths, enforce_sorted=False))
-        torch.manual_seed(2)
-        (out.data * torch.randn_like(out.data)).sum().add(h_n.sum() - c_n.sum()).backward()
-        results.append(((out.data, h_n, c_n), xi.grad, _param_grads(m)))
-    (ref_out, ref_dx, ref_p), (out, dx, grads_p) = results
+def run_packed(module, x, lengths, hx=None):
+    """Output data, h_n, c_n, dx and every parameter's gradient of `module` on `x` packed by `lengths`."""
+    xi = x.clone().requires_grad_()
+    out, (h_n, c_n) = module(pack_padded_sequence(xi, lengths, enforce_sorted=False), hx)
+    torch.manual_seed(2)
+    (out.data * torch.randn_like(out.data)).sum().add(h_n.sum() - c_n.sum()).backward()
+    return (out.data, h_n, c_n), xi.grad, _param_grads(module)
+
+
+def assert_same_module_results(ref, got):
+    (ref_out, ref_dx, ref_p), (out, dx, grads_p) = ref, got
     for name, r, o in zip(("output", "h_n", "c_n"), ref_out, out):
         assert_close(name, r, o, table=TOL)
     assert_close("dx", ref_dx, dx, table=TOL)
     for name, r in ref_p.items():
         assert_close(f"d{name}", r, grads_p[name], table=TOL)
+
+
+def test_module_packed_sequence(device):
+    ref, fused = _twin_lstms(device, input_size=6, hidden_size=16, bidirectional=True)
+    x = torch.randn(7, 3, 6, device=device)
+    lengths = torch.tensor([4, 7, 2])
+    assert_same_module_results(run_packed(ref, x, lengths), run_packed(fused, x, lengths))
 
 
 class _TinyLM(torch.nn.Module):
@@ -252,6 +258,6 @@ def test_onchip_wider_than_it_fits_raises(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the per-architecture configs are chosen only on CUDA")
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored-gates", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("H", [32, 64, 100, 256, 768, 1024])
+@pytest.mark.parametrize("H", [32, 64, 100, 256, 512, 768, 1024])
 def test_every_width_of_the_compile_gate_runs_on_this_gpu(H, dtype, recompute, device):
     _check_layer(5, 20, 16, H, dtype, device, lengths=[5, 2] * 10, recompute=recompute)

@@ -1,0 +1,83 @@
+# B batch, T time, H hidden, G = 4H; P programs in a persistent grid
+"""Host side of the persistent LSTM kernels: their buffers, and the stage driver that relaunches after a
+barrier timeout (`grid_barrier.py`). No autograd here; `lstm.py` calls these from `lstm_fwd`/`lstm_bwd`.
+
+A forward has T stages (one per step), a backward T+1 (one per step, then the one that writes dh_0, dc_0).
+With the barrier (a GPU) the driver makes one launch for all stages; if a program's wait timed out it
+launches again from the first stage that not every program completed, until all are done: the first stage of
+a launch never waits, so each launch completes at least one, and a launch that does not is an error, not a
+loop. Without the barrier (the interpreter) it makes one launch per stage.
+"""
+
+import torch
+
+from .launch import KernelConfig, launch
+
+__all__ = ["persistent_bwd", "persistent_fwd", "run_stages"]
+
+
+def run_stages(cfg: KernelConfig, n_stages: int, **args) -> None:
+    """Runs stages [0, n_stages) of a persistent kernel with the arguments `args` (all but the sync buffer
+    and the stage range)."""
+    device = args["w_ptr"].device
+    if not cfg.meta["BARRIER"]:
+        sync = torch.zeros(2, dtype=torch.int32, device=device)
+        for s in range(n_stages):
+            launch(cfg, **args, sync_ptr=sync, s_first=s, n_stages=1)
+        return
+    first = 0
+    while first < n_stages:
+        sync = torch.zeros(2, dtype=torch.int32, device=device)
+        if not launch(cfg, **args, sync_ptr=sync, s_first=first, n_stages=n_stages - first):
+            return
+        arrivals, timed_out = sync.tolist()
+        if not timed_out:
+            return
+        if arrivals < cfg.grid[0]:
+            raise RuntimeError(
+                f"persistent LSTM: the launch from stage {first} timed out with {arrivals} barrier arrivals, fewer "
+                f"than its {cfg.grid[0]} programs; its first stage never waits, so the barrier itself is broken")
+        first += arrivals // cfg.grid[0]
+
+
+def persistent_fwd(
+    xw: torch.Tensor,  # (T, B, 4H)
+    w_hh: torch.Tensor,  # (4H, H)
+    h: torch.Tensor,  # (T+1, B, H), h0 at [0], NaN elsewhere
+    c: torch.Tensor,  # (T+1, B, H) fp32, c0 at [0], NaN elsewhere
+    gates: torch.Tensor,  # (T, B, 4H) fp32, or any tensor when not store_gates
+    h_n: torch.Tensor,  # (B, H)
+    lengths: torch.Tensor,  # (B,) int32
+    cfg: KernelConfig,
+    store_gates: bool,
+) -> None:
+    T, B, G = xw.shape
+    run_stages(cfg, T, xw_ptr=xw, w_ptr=w_hh, h_ptr=h, c_ptr=c, g_ptr=gates, hn_ptr=h_n, len_ptr=lengths, B=B,
+               H=G // 4, STORE_GATES=store_gates)
+
+
+def persistent_bwd(
+    xw: torch.Tensor,  # (T, B, 4H), or any tensor when gates are given
+    w_hh: torch.Tensor,  # (4H, H)
+    h: torch.Tensor,  # (T+1, B, H)
+    c: torch.Tensor,  # (T+1, B, H) fp32
+    gates: torch.Tensor,  # (T, B, 4H) fp32, or any tensor when recompute
+    dout: torch.Tensor,  # (T, B, H)
+    dh_n: torch.Tensor,  # (B, H) fp32
+    dc_n: torch.Tensor,  # (B, H) fp32
+    lengths: torch.Tensor,  # (B,) int32
+    cfg: KernelConfig,
+    recompute: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns `dgates` (T, B, 4H) in `h`'s dtype, `dh0`, `dc0` (B, H) fp32."""
+    T, B, H = dout.shape
+    nan = float("nan")
+    dg = torch.full((T + 1, B, 4 * H), nan, dtype=h.dtype, device=h.device)
+    dg[T] = 0
+    dh = torch.full((2, B, H), nan, dtype=torch.float32, device=h.device)
+    dc = torch.full_like(dh, nan)
+    dh[0], dc[0] = dh_n, dc_n
+    dh0, dc0 = torch.full_like(dh_n, nan), torch.full_like(dc_n, nan)
+    run_stages(cfg, T + 1, xw_ptr=xw, w_ptr=w_hh, h_ptr=h, c_ptr=c, g_ptr=gates, dout_ptr=dout, dg_ptr=dg,
+               dh_ptr=dh, dc_ptr=dc, dh0_ptr=dh0, dc0_ptr=dc0, len_ptr=lengths, T=T, B=B, H=H, RECOMPUTE=recompute)
+    return dg[:T], dh0, dc0
