@@ -11,9 +11,10 @@ instead). Data published before the arrival must be read with `cache_modifier=".
 between SMs, L2 is.
 
 The spin is bounded: after `SPIN_LIMIT` polls without the arrivals, `grid_wait` returns False. The kernel then
-stops, sets the timeout flag, and the launcher launches again from the first stage some program did not
-complete (`arrivals // P` stages are complete in every program). The first stage of a launch never waits, so
-each launch completes at least one stage and the relaunches end. The programs must be co-resident for the
+stops, sets the timeout flag, and the launcher runs the stages from the first one some program did not
+complete (`arrivals // P` stages are complete in every program) one launch each, without the barrier
+(`lstm_persistent.run_stages`). The first stage of a launch never waits, so a launch completes at least one
+stage. The programs must be co-resident for the
 barrier to pass at all: the launchers keep the grid within the SM count and ask for a cooperative launch,
 which fails at launch, not in the spin, when the grid cannot be resident.
 

@@ -3,11 +3,15 @@
 barrier timeout (`grid_barrier.py`). No autograd here; `lstm.py` calls these from `lstm_fwd`/`lstm_bwd`.
 
 A forward has T stages (one per step), a backward T+1 (one per step, then the one that writes dh_0, dc_0).
-With the barrier (a GPU) the driver makes one launch for all stages; if a program's wait timed out it
-launches again from the first stage that not every program completed, until all are done: the first stage of
-a launch never waits, so each launch completes at least one, and a launch that does not is an error, not a
-loop. Without the barrier (the interpreter) it makes one launch per stage.
+With the barrier (a GPU) the driver makes one launch for all stages. If a program's wait timed out, the
+stages that not every program completed run one launch each, without the barrier, from the first of them:
+correct whatever made the barrier stall, at the cost of a launch per step for the rest of that call, and a
+warning says so once. The first stage of a launch never waits, so a launch that completes no stage means the
+barrier itself is broken, and raises. Without the barrier (the interpreter) every stage is its own launch.
 """
+
+import dataclasses
+import warnings
 
 import torch
 
@@ -16,28 +20,33 @@ from .launch import KernelConfig, launch
 __all__ = ["persistent_bwd", "persistent_fwd", "run_stages"]
 
 
+def _one_stage_per_launch(cfg: KernelConfig, first: int, n_stages: int, args: dict):
+    sync = torch.zeros(2, dtype=torch.int32, device=args["w_ptr"].device)
+    for s in range(first, n_stages):
+        launch(cfg, **args, sync_ptr=sync, s_first=s, n_stages=1)
+
+
 def run_stages(cfg: KernelConfig, n_stages: int, **args) -> None:
     """Runs stages [0, n_stages) of a persistent kernel with the arguments `args` (all but the sync buffer
     and the stage range)."""
-    device = args["w_ptr"].device
     if not cfg.meta["BARRIER"]:
-        sync = torch.zeros(2, dtype=torch.int32, device=device)
-        for s in range(n_stages):
-            launch(cfg, **args, sync_ptr=sync, s_first=s, n_stages=1)
+        _one_stage_per_launch(cfg, 0, n_stages, args)
         return
-    first = 0
-    while first < n_stages:
-        sync = torch.zeros(2, dtype=torch.int32, device=device)
-        if not launch(cfg, **args, sync_ptr=sync, s_first=first, n_stages=n_stages - first):
-            return
-        arrivals, timed_out = sync.tolist()
-        if not timed_out:
-            return
-        if arrivals < cfg.grid[0]:
-            raise RuntimeError(
-                f"persistent LSTM: the launch from stage {first} timed out with {arrivals} barrier arrivals, fewer "
-                f"than its {cfg.grid[0]} programs; its first stage never waits, so the barrier itself is broken")
-        first += arrivals // cfg.grid[0]
+    sync = torch.zeros(2, dtype=torch.int32, device=args["w_ptr"].device)
+    if not launch(cfg, **args, sync_ptr=sync, s_first=0, n_stages=n_stages):
+        return
+    arrivals, timed_out = sync.tolist()
+    if not timed_out:
+        return
+    if arrivals < cfg.grid[0]:
+        raise RuntimeError(
+            f"persistent LSTM: the launch timed out with {arrivals} barrier arrivals, fewer than its {cfg.grid[0]} "
+            f"programs; its first stage never waits, so the barrier itself is broken")
+    first = arrivals // cfg.grid[0]
+    warnings.warn(f"persistent LSTM: the grid barrier timed out at stage {first} of {n_stages}; the rest of this "
+                  f"call runs one launch per step", RuntimeWarning, stacklevel=2)
+    solo = dataclasses.replace(cfg, meta={**cfg.meta, "BARRIER": False, "launch_cooperative_grid": False})
+    _one_stage_per_launch(solo, first, n_stages, args)
 
 
 def persistent_fwd(
