@@ -5,8 +5,8 @@ barrier timeout (`grid_barrier.py`). No autograd here; `lstm.py` calls these fro
 A forward has T stages (one per step), a backward T+1 (one per step, then the one that writes dh_0, dc_0).
 With the barrier (a GPU) the driver makes one launch for all stages. If a program's wait timed out, the
 stages that not every program completed run one launch each, without the barrier, from the first of them:
-correct whatever made the barrier stall, at the cost of a launch per step for the rest of that call, and a
-warning says so once. The first stage of a launch never waits, so a launch that completes no stage means the
+correct whatever made the barrier stall, at the cost of a launch per step, and a warning says so once; later
+calls in the process skip the barrier too (`_STALLED`). The first stage of a launch never waits, so a launch that completes no stage means the
 barrier itself is broken, and raises. Without the barrier (the interpreter) every stage is its own launch.
 """
 
@@ -26,11 +26,18 @@ def _one_stage_per_launch(cfg: KernelConfig, first: int, n_stages: int, args: di
         launch(cfg, **args, sync_ptr=sync, s_first=s, n_stages=1)
 
 
+_STALLED = []  # holds True once a barrier timed out in this process
+
+
+def _without_barrier(cfg: KernelConfig) -> KernelConfig:
+    return dataclasses.replace(cfg, meta={**cfg.meta, "BARRIER": False, "launch_cooperative_grid": False})
+
+
 def run_stages(cfg: KernelConfig, n_stages: int, **args) -> None:
     """Runs stages [0, n_stages) of a persistent kernel with the arguments `args` (all but the sync buffer
     and the stage range)."""
-    if not cfg.meta["BARRIER"]:
-        _one_stage_per_launch(cfg, 0, n_stages, args)
+    if not cfg.meta["BARRIER"] or _STALLED:
+        _one_stage_per_launch(_without_barrier(cfg) if cfg.meta["BARRIER"] else cfg, 0, n_stages, args)
         return
     sync = torch.zeros(2, dtype=torch.int32, device=args["w_ptr"].device)
     if not launch(cfg, **args, sync_ptr=sync, s_first=0, n_stages=n_stages):
@@ -43,10 +50,10 @@ def run_stages(cfg: KernelConfig, n_stages: int, **args) -> None:
             f"persistent LSTM: the launch timed out with {arrivals} barrier arrivals, fewer than its {cfg.grid[0]} "
             f"programs; its first stage never waits, so the barrier itself is broken")
     first = arrivals // cfg.grid[0]
-    warnings.warn(f"persistent LSTM: the grid barrier timed out at stage {first} of {n_stages}; the rest of this "
-                  f"call runs one launch per step", RuntimeWarning, stacklevel=2)
-    solo = dataclasses.replace(cfg, meta={**cfg.meta, "BARRIER": False, "launch_cooperative_grid": False})
-    _one_stage_per_launch(solo, first, n_stages, args)
+    warnings.warn(f"persistent LSTM: the grid barrier timed out at stage {first} of {n_stages}; from there on, in "
+                  f"this process, the persistent kernels run one launch per step", RuntimeWarning, stacklevel=2)
+    _STALLED.append(True)
+    _one_stage_per_launch(_without_barrier(cfg), first, n_stages, args)
 
 
 def persistent_fwd(
