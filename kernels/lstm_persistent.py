@@ -1,13 +1,14 @@
 # B batch, T time, H hidden, G = 4H; P programs in a persistent grid
-"""Host side of the persistent LSTM kernels: their buffers, and the stage driver that relaunches after a
+"""Host side of the persistent LSTM kernels: their buffers, and the stage driver that finishes a call after a
 barrier timeout (`grid_barrier.py`). No autograd here; `lstm.py` calls these from `lstm_fwd`/`lstm_bwd`.
 
 A forward has T stages (one per step), a backward T+1 (one per step, then the one that writes dh_0, dc_0).
 With the barrier (a GPU) the driver makes one launch for all stages. If a program's wait timed out, the
 stages that not every program completed run one launch each, without the barrier, from the first of them:
 correct whatever made the barrier stall, at the cost of a launch per step, and a warning says so once; later
-calls in the process skip the barrier too (`_STALLED`). The first stage of a launch never waits, so a launch that completes no stage means the
-barrier itself is broken, and raises. Without the barrier (the interpreter) every stage is its own launch.
+calls in the process skip the barrier too (`_STALLED`). The first stage of a launch never waits, so a launch
+that completes no stage means the barrier itself is broken, and raises. Without the barrier (the
+interpreter) every stage is its own launch.
 """
 
 import dataclasses
