@@ -204,3 +204,12 @@ def test_leanfit_and_hf_kernels_share_a_venv_in_either_order(wheel, tmp_path_fac
         "import leanfit.kernels.lce, leanfit.train.finetune"
     _run(python, "-c", probe, cwd=venv)
     assert os.path.isdir(Path(site) / second)
+
+
+def test_ruff_is_clean_so_the_old_names_stay_banned():
+    """`pyproject.toml`'s ruff rules, TID251 (the old top-level names) among them, over the whole tree."""
+    ruff = shutil.which("ruff", path=os.path.dirname(sys.executable)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it comes with the dev extra)")
+    done = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
