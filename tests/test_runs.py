@@ -283,6 +283,13 @@ def test_an_old_pickled_train_state_is_never_loaded(tmp_path, capsys):
     (old / "run.json").write_text(json.dumps({"config": {"iters": 4}, "summary": {"status": "interrupted"}}))
     assert finetune_main(["--resume", str(old)]) == 2
     assert "older leanfit" in one_line(capsys.readouterr().err)
+    (old / "notes.txt").write_text("mine")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TRAIN_TEXT)
+    (tmp_path / "prompts.txt").write_text("You are a\n")
+    assert finetune_main(argv(tmp_path, corpus, "old", "--iters", "2", "--overwrite")) == 0
+    assert not (old / "train_state.pt").exists() and (old / "notes.txt").read_text() == "mine"
+    assert [u.name for u in list_units(old)] == ["step-000002"] and (old / "checkpoint").is_symlink()
     assert not marker.exists()
 
 

@@ -129,8 +129,9 @@ _FILES = {
     write_reports: ("report.md", "report.html"),
 }
 FILES = {status: tuple(dict.fromkeys(f for w in writers for f in _FILES[w])) for status, writers in WRITERS.items()}
+# What --overwrite may replace: a run's own outputs, nothing else (train_state.pt: an older leanfit's state file).
 OWN_FILES = ("run.json", *dict.fromkeys(f.rstrip("/") for names in _FILES.values() for f in names),
-             "memory_snapshot.pickle")  # what --overwrite may replace: a run's own outputs, nothing else
+             "memory_snapshot.pickle", "train_state.pt")
 
 
 def write_outputs(ctx, status: str, writers: dict | None = None):
