@@ -33,7 +33,7 @@ for lr in 5e-5 1e-2; do
       "$PY" -m leanfit.train.evaluate --model smollm2-135m "${EVAL[@]}" --json "$OUT/eval_before.json" > /dev/null
     fi
     cp "$OUT/eval_before.json" "$run/eval_before.json"
-    "$PY" -m leanfit.train.evaluate --model "$run/checkpoint" "${EVAL[@]}" --json "$run/eval_after.json" > /dev/null
+    "$PY" -m leanfit.train.evaluate --model "$run/checkpoint" "${EVAL[@]}" --json "$run/eval_after.json" --overwrite > /dev/null
     "$PY" -m leanfit.train.report "$run" > /dev/null
   fi
 done

@@ -363,6 +363,10 @@ def test_bad_evaluate_and_estimate_input_is_one_line_before_any_weight(tmp_path,
     folder.mkdir()
     assert evaluate_main(["--model", model, "--corpus", str(corpus), "--json", str(folder)]) == 2
     assert "--json" in one_line(capsys.readouterr().err)
+    mine = tmp_path / "mine.json"
+    mine.write_text("my results")
+    assert evaluate_main(["--model", model, "--corpus", str(corpus), "--json", str(mine)]) == 2
+    assert "already exists" in one_line(capsys.readouterr().err) and mine.read_text() == "my results"
     assert evaluate_main(["--model", model, "--corpus", str(corpus), "--block-size", "300"]) == 2
     assert "more than the model's 256 positions" in one_line(capsys.readouterr().err)
     assert estimate_main(["--model", "gpt2", "--block-size", "5000"]) == 2

@@ -402,7 +402,9 @@ def _parser():
     add("--device", "cpu, cuda, cuda:N or auto", default="auto")
     add("--dtype", "autocast dtype: fp32 (none), bf16 or fp16; float32, bfloat16, float16 also accepted",
         type=dtype_flag, default="fp32")
-    add("--json", "also write the results as JSON to PATH", metavar="PATH", default=None, shown="none")
+    add("--json", "also write the results as JSON to PATH (a new file, or with --overwrite an existing one)",
+        metavar="PATH", default=None, shown="none")
+    p.add_argument("--overwrite", action="store_true", help="let --json replace an existing file (default: refuse)")
     return p
 
 
@@ -412,6 +414,8 @@ def _check(args, names) -> tuple[list | None, str]:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.json:
         check_writable(args.json, "--json")
+        if Path(args.json).exists() and not args.overwrite:
+            raise ValueError(f"--json {args.json} already exists (expected a new file): pass --overwrite to replace it")
     prompts = read_prompts(args.prompts) if args.prompts else None
     text = read_corpus(args.corpus or DEFAULT_CORPUS, encoding=args.encoding)
     for name in names:
