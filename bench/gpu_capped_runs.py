@@ -24,13 +24,13 @@ import time
 
 import torch
 
-from leanfit.train.architectures import architecture_config
-from leanfit.train.atomic import atomic_write_json
-from leanfit.train.budget import choose_config
+from leanfit.train.checkpointing.atomic import atomic_write_json
 from leanfit.train.dtypes import torch_dtype
-from leanfit.train.estimate import StepConfig, estimate_step
 from leanfit.train.lm_loss import causal_lm_loss
-from leanfit.train.memory import apply_memory_cap
+from leanfit.train.memory.budget import choose_config
+from leanfit.train.memory.estimate import StepConfig, estimate_step
+from leanfit.train.memory.profiler import apply_memory_cap
+from leanfit.train.model.architectures import architecture_config
 from leanfit.train.optim import make_optimizer
 from leanfit.train.units import GiB, parse_bytes
 

@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from leanfit.train.architectures import architecture_config  # noqa: E402
-from leanfit.train.atomic import atomic_write_json  # noqa: E402
-from leanfit.train.estimate import StepConfig, estimate_step  # noqa: E402
+from leanfit.train.checkpointing.atomic import atomic_write_json  # noqa: E402
+from leanfit.train.memory.estimate import StepConfig, estimate_step  # noqa: E402
+from leanfit.train.model.architectures import architecture_config  # noqa: E402
 from tests.tiny_lm import tiny_config, tiny_tokenizer  # noqa: E402
 
 
@@ -53,9 +53,9 @@ def finetune(out: Path, model: Path, args, batch: int, parallel: str | None) -> 
              "4", "--save-every", str(args.iters), "--no-eval-study", "--eval-contexts", "0",
              "--num-return-sequences", "1", "--max-length", "30"]
     if parallel is None:
-        command = [sys.executable, "-m", "leanfit.train.finetune", *flags]
+        command = [sys.executable, "-m", "leanfit.train.commands.finetune", *flags]
     else:
-        command = [sys.executable, "-m", "leanfit.train.cli", "launch", "--nproc-per-node", "2", "finetune", *flags,
+        command = [sys.executable, "-m", "leanfit", "launch", "--nproc-per-node", "2", "finetune", *flags,
                    "--parallel", parallel]
     return subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})

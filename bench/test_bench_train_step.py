@@ -11,7 +11,7 @@ step (so the optimizer state exists), as `peak_mib`: on the CPU the tracked tens
 torch.distributed._tools.mem_tracker.MemTracker, on GPU torch.cuda.max_memory_allocated.
 
 The smoke run (`--benchmark-disable`) uses a small random Llama; LEANFIT_BENCH_FULL=1 adds the SmolLM2-135M
-shape (random weights; the config of leanfit.train.architectures).
+shape (random weights; the config of leanfit.train.model.architectures).
 """
 
 import os
@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from leanfit.train.architectures import architecture_config
+from leanfit.train.model.architectures import architecture_config
 from leanfit.train.optim import make_optimizer
 from leanfit.train.step import accumulate_gradients, make_loss_fn, optimizer_step
 

@@ -8,7 +8,7 @@ import importlib
 _EXPORTS = {
     "fused_lstm": ".lstm",
     "linear_cross_entropy": ".lce",
-    "naive_linear_cross_entropy": ".lce_naive",
+    "naive_linear_cross_entropy": ".lce.naive",
 }
 
 __all__ = list(_EXPORTS)

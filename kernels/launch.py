@@ -3,7 +3,7 @@
 
 The launchers pick their tiles, warps and stages from the target's compute capability (`device_arch`).
 Every Triton launch in `kernels/` goes through `launch(cfg, *args)`; inside `record_launches()` the call is
-recorded instead of run, so `kernels/resources.py` can compile exactly what a launcher would launch (same
+recorded instead of run, so `bench/compile_gate.py` can compile exactly what a launcher would launch (same
 arguments, same constexprs, same options) for a GPU this machine does not have.
 
 Per-block shared-memory limits (opt-in maximum, CUDA C++ Programming Guide, "Technical Specifications per

@@ -21,12 +21,12 @@ echo "preset $PRESET (train/config.py):$(grep -B1 "\"$PRESET\"" train/config.py 
 
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
-"$PY" -m leanfit.train.finetune --preset "$PRESET" --out runs/demo --overwrite ${EXTRA[@]+"${EXTRA[@]}"} "$@" | tee "$LOG"
+"$PY" -m leanfit finetune --preset "$PRESET" --out runs/demo --overwrite ${EXTRA[@]+"${EXTRA[@]}"} "$@" | tee "$LOG"
 OUT=$(sed -n 's|^outputs in \(.*\)/: .*|\1|p' "$LOG" | tail -n 1)
 
 echo
 echo "== a/an check with the fine-tuned checkpoint (leanfit generate) =="
-"$PY" -m leanfit.train.generate --model "$OUT/checkpoint" --prompt "You are a" --prompt "You are an" \
+"$PY" -m leanfit generate --model "$OUT/checkpoint" --prompt "You are a" --prompt "You are an" \
     --num-return-sequences 3 --seed 1
 
 echo "== samples written after training ($OUT/samples.md, first lines) =="

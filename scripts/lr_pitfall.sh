@@ -24,20 +24,20 @@ EVAL=(--block-size "$BLOCK" --eval-blocks "$EVAL_BLOCKS" --heldout-contexts 20 -
       --num-return-sequences "$SAMPLES" --seed 0)
 for lr in 5e-5 1e-2; do
   run="$OUT/lr-$lr"
-  "$PY" -m leanfit.train.finetune --model smollm2-135m --block-size "$BLOCK" --batch-size "$BATCH" --iters "$ITERS" \
+  "$PY" -m leanfit finetune --model smollm2-135m --block-size "$BLOCK" --batch-size "$BATCH" --iters "$ITERS" \
     --warmup 2 --eval-every "$ITERS" --eval-blocks "$EVAL_BLOCKS" --num-return-sequences "$SAMPLES" --seed 0 \
     --lr "$lr" --out "$run" --overwrite
   if [ ! -f "$run/eval_after.json" ]; then
     # this finetune does not call train.evaluate itself: evaluate the model before (once) and after
     if [ ! -f "$OUT/eval_before.json" ]; then
-      "$PY" -m leanfit.train.evaluate --model smollm2-135m "${EVAL[@]}" --json "$OUT/eval_before.json" > /dev/null
+      "$PY" -m leanfit evaluate --model smollm2-135m "${EVAL[@]}" --json "$OUT/eval_before.json" > /dev/null
     fi
     cp "$OUT/eval_before.json" "$run/eval_before.json"
-    "$PY" -m leanfit.train.evaluate --model "$run/checkpoint" "${EVAL[@]}" --json "$run/eval_after.json" --overwrite > /dev/null
-    "$PY" -m leanfit.train.report "$run" > /dev/null
+    "$PY" -m leanfit evaluate --model "$run/checkpoint" "${EVAL[@]}" --json "$run/eval_after.json" --overwrite > /dev/null
+    "$PY" -m leanfit report "$run" > /dev/null
   fi
 done
-"$PY" -m leanfit.train.report --compare "$OUT" "lr 5e-5=$OUT/lr-5e-5" "lr 1e-2=$OUT/lr-1e-2"
+"$PY" -m leanfit report --compare "$OUT" "lr 5e-5=$OUT/lr-5e-5" "lr 1e-2=$OUT/lr-1e-2"
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path

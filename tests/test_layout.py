@@ -18,15 +18,33 @@ PACKAGES = {"leanfit": ROOT / "src" / "leanfit", "leanfit.lstm_core": ROOT / "ls
 OLD_NAMES = ("kernels", "train", "lstm_core")
 FORBIDDEN = [("leanfit.kernels", "leanfit.train"), ("leanfit.kernels", "leanfit.lstm_core"),
              ("leanfit.lstm_core", "leanfit.train")]
+# train/'s wings and what each may import; "core" is the flat train/ top level, which every wing uses. The core
+# itself reaches only the bottom: checkpointing, the kernels and the bitsandbytes import (model.quant).
+WINGS = ("checkpointing", "commands", "evaluation", "memory", "model", "recipe")
+ALLOWED = {
+    "core": {"core", "checkpointing", "kernels", "model.quant"},
+    "checkpointing": {"checkpointing"},
+    "model": {"model", "core", "checkpointing"},
+    "memory": {"memory", "core", "model", "checkpointing", "kernels"},
+    "evaluation": {"evaluation", "core", "model", "checkpointing"},
+    "recipe": {"recipe", "core", "model", "checkpointing", "memory", "evaluation"},
+    "commands": {"commands", "core", "model", "checkpointing", "memory", "evaluation", "recipe"},
+}
+MAX_TOP_LEVEL = 12  # modules at train/'s top level, __init__ aside
+MAX_LINES = 400
 DEFERRED = "# deferred:"  # a function-level import of the package's own code must say why, on its line
 
 
 def module_files(packages):
-    """{module name: path} of every .py file of the packages."""
+    """{module name: path} of every .py file of the packages and their sub-packages."""
     modules = {}
     for package, folder in packages.items():
-        for path in sorted(Path(folder).glob("*.py")):
-            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted(Path(folder).rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if not all((Path(folder, *parts[:i]) / "__init__.py").is_file() for i in range(1, len(parts))):
+                continue
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            modules[".".join([package, *parts])] = path
     return modules
 
 
@@ -104,12 +122,72 @@ def find_cycle(graph):
 
 def test_no_cycles_no_upward_imports_no_old_names_no_unexplained_deferred_imports():
     graph, problems = import_graph(PACKAGES)
-    assert len(graph) > 40, sorted(graph)
+    assert len(graph) > 60, sorted(graph)
     assert not problems, "\n".join(problems)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     for low, high in FORBIDDEN:
         bad = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith(low) for t in ts if t.startswith(high))
         assert not bad, bad
+
+
+def wing_of(module: str) -> str | None:
+    """train's wing of a module ("core" for train/'s top level, "model.quant" for that one leaf), else its part."""
+    parts = module.split(".")
+    if parts[:2] != ["leanfit", "train"]:
+        return parts[1] if len(parts) > 1 else None
+    if len(parts) == 2:
+        return "core"
+    if parts[2] in WINGS:
+        return "model.quant" if parts[2:4] == ["model", "quant"] else parts[2]
+    return "core"
+
+
+def wing_violations(graph) -> list[str]:
+    bad = []
+    for module, targets in graph.items():
+        wing = wing_of(module)
+        if wing not in ALLOWED and wing != "model.quant":
+            continue
+        allowed = ALLOWED.get(wing, ALLOWED["model"])
+        for target in (t for t in targets if not any(o.startswith(t + ".") for o in targets)):
+            to = wing_of(target)
+            if to == "model.quant" and "model.quant" not in allowed and "model" in allowed:
+                to = "model"
+            if to in ("lstm_core",) or (to not in allowed and to is not None):
+                bad.append(f"{module} ({wing}) -> {target} ({to})")
+    return sorted(bad)
+
+
+def test_each_wing_imports_only_its_allowed_neighbours():
+    graph, _ = import_graph(PACKAGES)
+    assert not wing_violations(graph), "\n".join(wing_violations(graph))
+
+
+def test_only_commands_parse_argv():
+    """The library never imports `commands/`, and argparse and sys.argv appear only there."""
+    graph, _ = import_graph(PACKAGES)
+    entry = ("leanfit.train.commands", "leanfit.__main__")
+    bad = sorted(f"{m} -> {t}" for m, ts in graph.items() if not m.startswith(entry)
+                 for t in ts if t.startswith("leanfit.train.commands"))
+    assert not bad, bad
+    for module, path in module_files(PACKAGES).items():
+        if module.startswith(entry):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            uses = (isinstance(node, ast.Import) and any(a.name == "argparse" for a in node.names)
+                    or isinstance(node, ast.ImportFrom) and node.module == "argparse"
+                    or isinstance(node, ast.Attribute) and node.attr == "argv"
+                    and isinstance(node.value, ast.Name) and node.value.id == "sys")
+            assert not uses, f"{path.relative_to(ROOT)}:{node.lineno} parses the command line outside train/commands/"
+
+
+def test_small_files_and_a_small_train_top_level():
+    top = [p for p in (ROOT / "train").glob("*.py") if p.name != "__init__.py"]
+    assert len(top) <= MAX_TOP_LEVEL, sorted(p.name for p in top)
+    long = {f"{path.relative_to(ROOT)}: {n}" for path in module_files(PACKAGES).values()
+            if (n := path.read_text(encoding="utf-8").count("\n")) > MAX_LINES}
+    assert not long, long
 
 
 def test_the_checker_sees_a_cycle_an_upward_import_and_an_old_name(tmp_path):
@@ -121,17 +199,26 @@ def test_the_checker_sees_a_cycle_an_upward_import_and_an_old_name(tmp_path):
     (train / "__init__.py").write_text("")
     (train / "b.py").write_text("from ..kernels import a\nimport kernels\n\ndef f():\n    from . import c\n")
     (train / "c.py").write_text("")
+    for wing in ("memory", "recipe", "commands"):
+        (train / wing).mkdir()
+        (train / wing / "__init__.py").write_text("")
+    (train / "memory" / "m.py").write_text("from ..recipe.r import x\n")
+    (train / "recipe" / "r.py").write_text("from ..commands.k import x\n")
+    (train / "commands" / "k.py").write_text("from ..memory import m\n")
     packages = {"leanfit.kernels": kernels, "leanfit.train": train}
     graph, problems = import_graph(packages)
     assert find_cycle(graph) == ["leanfit.kernels.a", "leanfit.train.b", "leanfit.kernels.a"]
     assert "leanfit.train.b" in graph["leanfit.kernels.a"]
+    assert "leanfit.train.recipe.r" in graph["leanfit.train.memory.m"]
     assert any("old top-level name 'kernels'" in p for p in problems)
     assert any("inside a function" in p for p in problems)
+    assert wing_violations(graph) == ["leanfit.train.memory.m (memory) -> leanfit.train.recipe.r (recipe)",
+                                      "leanfit.train.recipe.r (recipe) -> leanfit.train.commands.k (commands)"]
 
 
 def test_finetune_recipe_stays_small():
-    lines = (ROOT / "train" / "finetune.py").read_text(encoding="utf-8").count("\n")
-    assert lines <= 350, f"train/finetune.py has {lines} lines; the recipe orchestrates, its pieces live beside it"
+    lines = (ROOT / "train" / "recipe" / "finetune.py").read_text(encoding="utf-8").count("\n")
+    assert lines <= 350, f"train/recipe/finetune.py has {lines} lines; the recipe orchestrates, its pieces live beside"
 
 
 HF_KERNELS = "kernels==0.17.2"
@@ -161,15 +248,15 @@ def test_the_wheel_holds_only_the_leanfit_root(wheel):
         top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
         assert zf.read(top_level).decode().split() == ["leanfit"]
     assert {n.split("/")[0] for n in names} == {"leanfit", wheel.name.split("-py")[0] + ".dist-info"}
-    for module in ("leanfit/__init__.py", "leanfit/kernels/lce.py", "leanfit/lstm_core/modules.py",
-                   "leanfit/train/finetune.py", "leanfit/train/data/dracula.txt"):
+    for module in ("leanfit/__init__.py", "leanfit/kernels/lce/interface.py", "leanfit/lstm_core/modules.py",
+                   "leanfit/train/recipe/finetune.py", "leanfit/train/data/dracula.txt"):
         assert module in names, module
 
 
 CHECK = """
 import kernels, leanfit, torch
 from leanfit.kernels import linear_cross_entropy
-from leanfit.train.probe import builtin_prefixes
+from leanfit.train.evaluation.probe import builtin_prefixes
 assert builtin_prefixes()
 assert hasattr(kernels, "get_kernel") and "site-packages" in kernels.__file__, kernels.__file__
 assert "site-packages" in leanfit.__file__, leanfit.__file__
@@ -201,7 +288,7 @@ def test_leanfit_and_hf_kernels_share_a_venv_in_either_order(wheel, tmp_path_fac
     first, second = order
     _run(python, "-m", "pip", "uninstall", "-q", "-y", first)
     probe = "import kernels; kernels.get_kernel" if second == "kernels" else \
-        "import leanfit.kernels.lce, leanfit.train.finetune"
+        "import leanfit.kernels.lce, leanfit.train.commands.finetune"
     _run(python, "-c", probe, cwd=venv)
     assert os.path.isdir(Path(site) / second)
 

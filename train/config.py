@@ -55,7 +55,7 @@ class TrainConfig:
     save_every: str = "10min"  # a checkpoint unit every N steps ("500") or minutes ("10min"); and at the end
     keep_last: int = 2  # units kept in checkpoints/ (the newest ones)
     gpu: str | None = None  # a card of train/gpus.py: plan for it (budget, dtype, attention), refuse another one
-    lora: bool = False  # train LoRA adapters (PEFT) on a frozen base held in `dtype`; train/lora.py
+    lora: bool = False  # train LoRA adapters (PEFT) on a frozen base held in `dtype`; train/model/lora.py
     lora_rank: int = 16
     lora_alpha: float = 32.0  # the adapter's output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # 0 keeps no dropped copy of each adapted layer's input for the backward

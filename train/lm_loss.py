@@ -11,7 +11,7 @@ import torch
 
 from ..kernels.lce import IMPLS as LCE_IMPLS
 from ..kernels.lce import linear_cross_entropy
-from ..kernels.lce_naive import naive_linear_cross_entropy
+from ..kernels.lce.naive import naive_linear_cross_entropy
 
 __all__ = ["causal_lm_loss", "lm_head_params", "IMPLS"]
 

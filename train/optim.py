@@ -11,8 +11,8 @@ would hold a temporary as large as all the optimizer state).
 
 import torch
 
+from .model.quant import import_bitsandbytes
 from .optim_backward import OptimizerInBackward
-from .quant import import_bitsandbytes
 
 __all__ = ["OPTIMIZERS", "make_optimizer"]
 

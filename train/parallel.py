@@ -2,7 +2,7 @@
 """How one run is spread over processes: one (`none`), data parallel (`ddp`) or fully sharded (`fsdp2`).
 
 A `Parallel` is what the recipe asks about ranks; with `kind="none"` (the default, no torchrun) every method is
-the one-process behaviour, so nothing changes there. Under torchrun (train/distributed.py starts it):
+the one-process behaviour, so nothing changes there. Under torchrun (train/recipe/distributed.py starts it):
 
 - Data: each rank takes its own B blocks of every global batch of B·W (`data.BlockLoader(rank, world_size)`),
   so one optimizer step sees B·A·W sequences.
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .checkpointing.sharded_state import is_sharded, load_full_optimizer, load_optimizer
 from .dtypes import torch_dtype
-from .sharded_state import is_sharded, load_full_optimizer, load_optimizer
 
 __all__ = ["KINDS", "Parallel", "LossModule", "transformer_blocks"]
 
@@ -64,9 +64,9 @@ class Parallel:
     rank: int = 0
     world_size: int = 1
     device: torch.device | None = None
-    routes: dict = field(default_factory=dict)  # {writer: its replacement under this layout} (train/distributed.py)
+    routes: dict = field(default_factory=dict)  # {writer: its replacement under this layout} (recipe/distributed.py)
     collective: dict = field(default_factory=dict)  # {writer: 0 or 1}: every rank calls these, lowest first
-    cache: dict = field(default_factory=dict)  # rank 0's plain copy of the model and its step (train/distributed.py)
+    cache: dict = field(default_factory=dict)  # rank 0's plain copy of the model and its step (recipe/distributed)
 
     @property
     def is_main(self) -> bool:
@@ -162,7 +162,7 @@ class Parallel:
             dist.barrier()
 
     def call(self, fn, ctx, main_only: bool = True):
-        """Runs `fn(ctx)` as this layout wants it: its route (train/distributed.py), else on rank 0 alone (or on
+        """Runs `fn(ctx)` as this layout wants it: its route (train/recipe/distributed.py), else on rank 0 alone (or on
         every rank with `main_only=False`)."""
         route = self.routes.get(fn)
         if route is not None:

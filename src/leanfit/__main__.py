@@ -2,6 +2,6 @@
 
 import sys
 
-from leanfit.train.cli import main
+from leanfit.train.commands import main
 
 sys.exit(main())

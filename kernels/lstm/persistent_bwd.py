@@ -1,0 +1,149 @@
+# B batch, T time, H hidden, J units per program, G = 4H gate pre-activations in PyTorch's order (i, f, g, o)
+"""Persistent backward recurrence of one LSTM layer: `W_hh` split over the programs, one grid barrier per step.
+
+Program `p` owns the hidden units `J_p` (`J = BLOCK_J` of them) and the matching columns `W_hh[:, J_p]`,
+loaded once as four `(SPLIT_K, BLOCK_K, J)` tensors, one per gate, each over that gate's `H` rows in one
+chunk per warp. Four dots of `K = H`, not one of `K = 4H`, keep a quarter of the staged `dgates` rows live at
+a time. With `dgates_T = 0`, the stage for time `t` (from `T-1` down to `-1`), for each block of rows:
+1. load its own carried state and the forward's saved values at `t` (before the barrier wait);
+2. wait until every program has published `dgates_{t+1}`;
+3. read all of `dgates_{t+1}` (B x 4H) from L2 (`.cg`): `dh_t[:, J] = carried + dgates_{t+1} W_hh[:, J]`;
+4. form its slice of `dgates_t` from `dh_t[:, J]`, `dc_t[:, J]` and the gates (stored, or with `RECOMPUTE`
+   recomputed from `xW[t]`, `h_{t-1}` and `W_hh[gates(J), :]` streamed from L2), publish it, and carry
+   `dh` (zero where the row is live: its part went into `dgates_t`) and `dc` to the next stage;
+then arrive. The stage for `t = -1` writes `dh_0` and `dc_0`. Gate gradients as in `bwd.py`; the
+weight, bias and input gradients are matrix products over all steps afterwards (`lstm/fused.py`).
+
+The carried `(dh, dc)` live in a two-slot ring indexed by the stage's parity. A program reads and writes only
+its own columns there, and none can start stage `s + 1` before all have finished stage `s`, so after a
+timed-out wait the slot that the first incomplete stage reads is intact and a relaunch from that stage
+rewrites the same values. `BARRIER=False`: one stage per launch, as in the forward.
+"""
+
+import triton
+import triton.language as tl
+
+from ..interpreter import device_fn
+from .bwd import _gate_grads, _load_gates
+from .fwd import _dot, _sigmoid, _tanh
+from .grid_barrier import grid_arrive, grid_timed_out, grid_wait
+from .persistent_fwd import gate_columns, split_gates
+
+
+@device_fn
+def _recompute_gates(
+    xw_ptr,  # (B, 4H) at step t
+    h_ptr,  # (B, H) h_{t-1}
+    w_ptr,  # (4H, H)
+    rows, row_ok, step, H,
+    BLOCK_J: tl.constexpr, RECOMPUTE_K: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """The activated gates i, f, g, o (BLOCK_B, J) of this program's units at one step."""
+    cols, col_ok = gate_columns(H, BLOCK_J)
+    gmask = (row_ok & step)[:, None] & col_ok[None, :]
+    a = tl.load(xw_ptr + rows[:, None] * 4 * H + cols[None, :], mask=gmask, other=0.0).to(tl.float32)
+    for k0 in range(0, H, RECOMPUTE_K):
+        ks = k0 + tl.arange(0, RECOMPUTE_K)
+        k_ok = ks < H
+        hk = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=(row_ok & step)[:, None] & k_ok[None, :],
+                     other=0.0)
+        wk = tl.load(w_ptr + cols[None, :] * H + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a += _dot(hk, wk, DOT_F32, PRECISION)
+    is_g = (tl.arange(0, 4 * BLOCK_J) % 4 == 2)[None, :]
+    return split_gates(tl.where(is_g, _tanh(a), _sigmoid(a)), BLOCK_J)
+
+
+@device_fn
+def _publish(dg_ptr, state4, mask, H, da_i, da_f, da_g, da_o):
+    dty = dg_ptr.dtype.element_ty
+    tl.store(dg_ptr + state4, da_i.to(dty), mask=mask)
+    tl.store(dg_ptr + state4 + H, da_f.to(dty), mask=mask)
+    tl.store(dg_ptr + state4 + 2 * H, da_g.to(dty), mask=mask)
+    tl.store(dg_ptr + state4 + 3 * H, da_o.to(dty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["s_first", "n_stages"])
+def _lstm_bwd_persistent_kernel(
+    xw_ptr,  # (T, B, 4H), read when RECOMPUTE
+    w_ptr,  # (4H, H) W_hh
+    h_ptr,  # (T+1, B, H) forward states, read when RECOMPUTE
+    c_ptr,  # (T+1, B, H) fp32 forward cell states
+    g_ptr,  # (T, B, 4H) fp32 activated gates, read unless RECOMPUTE
+    dout_ptr,  # (T, B, H)
+    dg_ptr,  # (T+1, B, 4H) the stage for t publishes dgates_t at [t]; [T] holds zeros
+    dh_ptr,  # (2, B, H) fp32 ring: the dh carried into stage s at [s % 2]; dh_n at [0]
+    dc_ptr,  # (2, B, H) fp32 ring, as dh; dc_n at [0]
+    dh0_ptr,  # (B, H) fp32, written by the stage for t = -1
+    dc0_ptr,  # (B, H) fp32, written by the stage for t = -1
+    len_ptr,  # (B,) int32, each row's length (T where none was given)
+    sync_ptr,  # (2,) int32 arrivals and timeout flag, zeroed before the launch
+    s_first, n_stages, T, B, H,
+    RECOMPUTE: tl.constexpr, BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    RECOMPUTE_K: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    n_prog = tl.num_programs(0)
+    units = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    unit_ok = units < H
+    kq = tl.arange(0, SPLIT_K)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :, None]
+    w_q = w_ptr + kq * H + units[None, None, :]
+    w_mask = (kq < H) & unit_ok[None, None, :]
+    w_i = tl.load(w_q, mask=w_mask, other=0.0)
+    w_f = tl.load(w_q + H * H, mask=w_mask, other=0.0)
+    w_g = tl.load(w_q + 2 * H * H, mask=w_mask, other=0.0)
+    w_o = tl.load(w_q + 3 * H * H, mask=w_mask, other=0.0)
+    k_dg = tl.arange(0, SPLIT_K)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+    ok = tl.program_id(0) >= 0
+    for s in range(0, n_stages):
+        stage = s_first + s
+        t = T - 1 - stage
+        step = t >= 0
+        t64 = t.to(tl.int64)
+        ring_in = (stage % 2) * B * H
+        ring_out = ((stage + 1) % 2) * B * H
+        if ok:
+            for b0 in range(0, B, BLOCK_B):
+                rows = b0 + tl.arange(0, BLOCK_B)
+                row_ok = rows < B
+                umask = row_ok[:, None] & unit_ok[None, :]
+                smask = umask & step
+                state = rows[:, None] * H + units[None, :]
+                state4 = rows[:, None] * 4 * H + units[None, :]
+                dh = tl.load(dh_ptr + ring_in + state, mask=umask, other=0.0)
+                dc = tl.load(dc_ptr + ring_in + state, mask=umask, other=0.0)
+                c_prev = tl.load(c_ptr + t64 * B * H + state, mask=smask, other=0.0)
+                c = tl.load(c_ptr + (t64 + 1) * B * H + state, mask=smask, other=0.0)
+                dout = tl.load(dout_ptr + t64 * B * H + state, mask=smask, other=0.0).to(tl.float32)
+                live = (t < tl.load(len_ptr + rows, mask=row_ok, other=0))[:, None] & step
+                if not RECOMPUTE:
+                    i, f, g, o = _load_gates(g_ptr + t64 * B * 4 * H, rows, units, smask, H)
+                if BARRIER:
+                    if (s > 0) & (b0 == 0):
+                        ok = grid_wait(sync_ptr, n_prog * s, SPIN_LIMIT)
+                if ok:
+                    dg_t = dg_ptr + (t64 + 1) * B * 4 * H + rows[None, :, None] * 4 * H + k_dg
+                    dg_mask = row_ok[None, :, None] & (k_dg < H)
+                    da = tl.load(dg_t, mask=dg_mask, other=0.0, cache_modifier=".cg")
+                    part = _dot(da, w_i, DOT_F32, PRECISION)
+                    da = tl.load(dg_t + H, mask=dg_mask, other=0.0, cache_modifier=".cg")
+                    part += _dot(da, w_f, DOT_F32, PRECISION)
+                    da = tl.load(dg_t + 2 * H, mask=dg_mask, other=0.0, cache_modifier=".cg")
+                    part += _dot(da, w_g, DOT_F32, PRECISION)
+                    da = tl.load(dg_t + 3 * H, mask=dg_mask, other=0.0, cache_modifier=".cg")
+                    part += _dot(da, w_o, DOT_F32, PRECISION)
+                    dh += tl.sum(part, axis=0)
+                    if RECOMPUTE:
+                        i, f, g, o = _recompute_gates(xw_ptr + t64 * B * 4 * H, h_ptr + t64 * B * H, w_ptr, rows,
+                                                      row_ok, step, H, BLOCK_J, RECOMPUTE_K, PRECISION, DOT_F32)
+                    dht = dh + tl.where(live, dout, 0.0)
+                    da_i, da_f, da_g, da_o, dc_prev = _gate_grads(dht, dc, i, f, g, o, c_prev, c, live)
+                    _publish(dg_ptr + t64 * B * 4 * H, state4, smask, H, da_i, da_f, da_g, da_o)
+                    tl.store(dh_ptr + ring_out + state, tl.where(live, 0.0, dht), mask=umask)
+                    tl.store(dc_ptr + ring_out + state, tl.where(live, dc_prev, dc), mask=umask)
+                    tl.store(dh0_ptr + state, dh, mask=umask & ~step)
+                    tl.store(dc0_ptr + state, dc, mask=umask & ~step)
+            if BARRIER:
+                if ok:
+                    grid_arrive(sync_ptr)
+    if not ok:
+        grid_timed_out(sync_ptr)

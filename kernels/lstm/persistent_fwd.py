@@ -1,0 +1,112 @@
+# B batch, T time, H hidden, J units per program, G = 4H gate pre-activations in PyTorch's order (i, f, g, o)
+"""Persistent forward recurrence of one LSTM layer: `W_hh` split over the programs, one grid barrier per step.
+
+Program `p` owns the hidden units `J_p = [p J, (p + 1) J)` with all four of their gates, so the cell update
+stays inside the program. Before the time loop it loads its slice `W_hh[gates(J_p), :]` once, as a
+`(SPLIT_K, BLOCK_K, 4J)` tensor that stays on chip for the whole sequence (Triton keeps it in shared memory
+and loads the dot operand from there each step): the gate columns are unit-major (column `4 j + q` is gate
+`q` of unit `j`), and the `H` inputs are split in `SPLIT_K` chunks, one per warp, so one batched `tl.dot` of
+`h_{t-1}` as `(SPLIT_K, BLOCK_B, BLOCK_K)` with the slice, summed over the chunks, gives the `(BLOCK_B, 4J)`
+pre-activations without any warp holding more than its chunk.
+
+One stage per time step `t`, for each block of `BLOCK_B` rows:
+1. load `xW[t]` and `c_{t-1}` of its slice (for the first block, before the barrier wait, so they arrive
+   while it waits);
+2. wait until every program has published `h_{t-1}` (stage `t-1`'s arrivals; `lstm/grid_barrier.py`);
+3. read all of `h_{t-1}` (B x H) from L2 (`.cg`), dot, gate update with `c` in fp32;
+4. write `h_t[:, J_p]`, `c_t[:, J_p]`, the activated gates when the backward stores them, and `h_n`;
+then arrive. Buffers as in `fwd.py`: `h` and `c` are `(T+1, B, H)` with the initial state at 0.
+
+`BARRIER=False` runs the same stages with no barrier; the launcher then makes one launch per stage (the
+interpreter path: its programs run one after another). A timed-out wait stops the program and sets the
+flag; everything a stage writes depends only on the previous stage's output, so the launcher's relaunch from
+the first incomplete stage rewrites the same values.
+"""
+
+import triton
+import triton.language as tl
+
+from ..interpreter import device_fn
+from .fwd import _dot, _sigmoid, _tanh
+from .grid_barrier import grid_arrive, grid_timed_out, grid_wait
+
+
+@device_fn
+def split_gates(x, BLOCK_J: tl.constexpr):
+    """(BLOCK_B, 4J) unit-major gate columns -> the four (BLOCK_B, J) gates i, f, g, o."""
+    x = tl.reshape(x, (x.shape[0], BLOCK_J, 2, 2))
+    ig, fo = tl.split(x)
+    i, g = tl.split(ig)
+    f, o = tl.split(fo)
+    return i, f, g, o
+
+
+@device_fn
+def gate_columns(H, BLOCK_J: tl.constexpr):
+    """Columns of this program's gates in a (.., 4H) row, unit-major, and which of them exist."""
+    r = tl.arange(0, 4 * BLOCK_J)
+    units = tl.program_id(0) * BLOCK_J + r // 4
+    return (r % 4) * H + units, units < H
+
+
+@triton.jit(do_not_specialize=["s_first", "n_stages"])
+def _lstm_fwd_persistent_kernel(
+    xw_ptr,  # (T, B, 4H) x W_ih^T + b_ih + b_hh
+    w_ptr,  # (4H, H) W_hh
+    h_ptr,  # (T+1, B, H) h0 at [0], stage t publishes h_t at [t+1]
+    c_ptr,  # (T+1, B, H) fp32, c0 at [0]
+    g_ptr,  # (T, B, 4H) fp32 activated gates, written when STORE_GATES
+    hn_ptr,  # (B, H)
+    len_ptr,  # (B,) int32, each row's length (T where none was given)
+    sync_ptr,  # (2,) int32 arrivals and timeout flag, zeroed before the launch
+    s_first, n_stages, B, H,
+    STORE_GATES: tl.constexpr, BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    n_prog = tl.num_programs(0)
+    cols, col_ok = gate_columns(H, BLOCK_J)
+    units = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    unit_ok = units < H
+    ks = tl.arange(0, SPLIT_K)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :, None]
+    w = tl.load(w_ptr + cols[None, None, :] * H + ks, mask=(ks < H) & col_ok[None, None, :], other=0.0)
+    k_h = tl.arange(0, SPLIT_K)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+    is_g = (tl.arange(0, 4 * BLOCK_J) % 4 == 2)[None, :]
+    ok = tl.program_id(0) >= 0
+    for s in range(0, n_stages):
+        t = s_first + s
+        xw_t = xw_ptr + t.to(tl.int64) * B * 4 * H
+        h_t = h_ptr + t.to(tl.int64) * B * H
+        c_t = c_ptr + t.to(tl.int64) * B * H
+        if ok:
+            for b0 in range(0, B, BLOCK_B):
+                rows = b0 + tl.arange(0, BLOCK_B)
+                row_ok = rows < B
+                gmask = row_ok[:, None] & col_ok[None, :]
+                umask = row_ok[:, None] & unit_ok[None, :]
+                state = rows[:, None] * H + units[None, :]
+                a = tl.load(xw_t + rows[:, None] * 4 * H + cols[None, :], mask=gmask, other=0.0).to(tl.float32)
+                c_prev = tl.load(c_t + state, mask=umask, other=0.0)
+                live = (t < tl.load(len_ptr + rows, mask=row_ok, other=0))[:, None]
+                if BARRIER:
+                    if (s > 0) & (b0 == 0):
+                        ok = grid_wait(sync_ptr, n_prog * s, SPIN_LIMIT)
+                if ok:
+                    h3 = tl.load(h_t + rows[None, :, None] * H + k_h, mask=row_ok[None, :, None] & (k_h < H),
+                                 other=0.0, cache_modifier=".cg")
+                    a += tl.sum(_dot(h3, w, DOT_F32, PRECISION), axis=0)
+                    act = tl.where(is_g, _tanh(a), _sigmoid(a))
+                    if STORE_GATES:
+                        tl.store(g_ptr + t.to(tl.int64) * B * 4 * H + rows[:, None] * 4 * H + cols[None, :], act,
+                                 mask=gmask)
+                    i, f, g, o = split_gates(act, BLOCK_J)
+                    c_new = f * c_prev + i * g
+                    h_new = o * _tanh(c_new)
+                    tl.store(h_t + B * H + state, tl.where(live, h_new, 0.0).to(h_ptr.dtype.element_ty), mask=umask)
+                    tl.store(c_t + B * H + state, tl.where(live, c_new, c_prev), mask=umask)
+                    tl.store(hn_ptr + state, h_new.to(hn_ptr.dtype.element_ty), mask=umask & live)
+            if BARRIER:
+                if ok:
+                    grid_arrive(sync_ptr)
+    if not ok:
+        grid_timed_out(sync_ptr)

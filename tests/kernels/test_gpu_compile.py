@@ -1,0 +1,64 @@
+# arch: compute capability (75 T4, 80 A100, 90 H100)
+"""The compile gate: every Triton kernel the launchers can choose builds for T4, A100 and H100.
+
+`bench.compile_gate` calls the real launchers on meta tensors (configs from their own config functions),
+binds the arguments with Triton's JIT binder and compiles each launch with `triton.compile(...,
+target=GPUTarget("cuda", arch, 32))`; `ptxas -v` on the PTX gives registers and spill bytes. It runs in a
+subprocess without TRITON_INTERPRET (conftest sets it for the interpreter tests; the interpreter has no compiler).
+Checked per launch: it compiles; its shared memory fits the architecture's per-block limit; it does not spill,
+except where `SPILL_EXCEPTIONS` says why. Compiled kernels stay in Triton's cache, so a second run takes seconds.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.compile_gate import ARCHS, cases, ptxas_path
+
+# (case key, kernel) -> why the spill is accepted. Empty: nothing spills.
+SPILL_EXCEPTIONS: dict[tuple[str, str], str] = {}
+# The gate compiles about 350 distinct kernels (540 launches); cold, on 2 cores, that took 2 minutes.
+TIMEOUT_S = 1800
+
+pytestmark = pytest.mark.skipif(
+    any(ptxas_path(arch) is None for arch in ARCHS),
+    reason="the installed triton wheel ships no ptxas (triton/backends/nvidia/bin), so nothing can be compiled",
+)
+CASES = cases()
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_compile") / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "bench.compile_gate", "--json", str(out), "--jobs", str(os.cpu_count() or 1)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        data = json.load(f)
+    by_case: dict[str, list] = {}
+    for row in data["rows"]:
+        by_case.setdefault(row["case"], []).append(row)
+    return by_case
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.key for c in CASES])
+def test_kernel_compiles_fits_and_does_not_spill(case, rows):
+    launches = rows[case.key]
+    assert launches, f"{case.key}: the launcher made no launch"
+    for r in launches:
+        where = f"{case.key} {r['kernel']} ({r['config']})"
+        assert r["error"] is None, f"{where}: does not compile: {r['error']}"
+        assert r["shared"] <= r["shared_limit"], (
+            f"{where}: needs {r['shared']} B of shared memory, sm_{r['arch']} allows {r['shared_limit']} B per block"
+        )
+        if (case.key, r["kernel"]) in SPILL_EXCEPTIONS:
+            continue
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (
+            f"{where}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads per thread "
+            f"with {r['registers']} registers"
+        )
+

@@ -1,0 +1,175 @@
+import contextlib
+import json
+import math
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanfit.train.commands.finetune import main
+from leanfit.train.config import TrainConfig
+from leanfit.train.model.loading import load_model
+from leanfit.train.recipe.context import Hooks
+from leanfit.train.recipe.finetune import run
+from leanfit.train.recipe.outputs import WRITERS
+from leanfit.train.step import accumulate_gradients, lr_factor, make_loss_fn
+from tests.helpers import assert_close
+from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
+
+GRAD_TOL = {torch.float32: (1e-6, 1e-4)}
+OUTPUTS = ["metrics.jsonl", "loss.png", "checkpoint", "checkpoints", "run.json", "samples.md", "samples.jsonl"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TRAIN_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("You are a\nYou are an\n", encoding="utf-8")
+    return path
+
+
+def tiny_config(tmp_path, corpus, prompts, kind="gpt2", dropout=0.0, **overrides):
+    values = dict(
+        model=str(tiny_model_dir(kind, dropout)), corpus=str(corpus), block_size=16, batch_size=2, iters=8,
+        warmup=2, lr=3e-3, eval_every=4, val_fraction=0.2, device="cpu", out=str(tmp_path / "run"),
+        prompts=str(prompts), num_return_sequences=2, max_length=12, loss="chunked",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def model_and_blocks(kind, device, n=4, t=12):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(kind)).to(device)
+    torch.manual_seed(3)
+    return model, torch.randint(0, model.config.vocab_size, (n, t + 1), device=device)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("impl", ["chunked", "naive", "hf"])
+def test_accumulation_2x2_equals_1x4_and_the_full_batch_mean(kind, impl, device):
+    model, blocks = model_and_blocks(kind, device)
+    loss_fn = make_loss_fn(impl)
+
+    def grads(micro):
+        model.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(model, micro, loss_fn)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_1x4, g_1x4 = grads([blocks])
+    loss_2x2, g_2x2 = grads([blocks[:2], blocks[2:]])
+    loss_4x1, g_4x1 = grads([blocks[i: i + 1] for i in range(4)])
+    model.zero_grad(set_to_none=True)
+    logits = model(blocks[:, :-1]).logits
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), blocks[:, 1:].reshape(-1))
+    ref.backward()
+    assert_close("loss 1x4", ref.float(), loss_1x4, table=GRAD_TOL)
+    assert_close("loss 2x2", loss_1x4, loss_2x2, table=GRAD_TOL)
+    for name, p in model.named_parameters():
+        assert_close(f"grad 1x4 {name}", p.grad, g_1x4[name], table=GRAD_TOL)
+        assert_close(f"grad 2x2 {name}", g_1x4[name], g_2x2[name], table=GRAD_TOL)
+        assert_close(f"grad 4x1 {name}", g_1x4[name], g_4x1[name], table=GRAD_TOL)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(iters=20, warmup=4, min_lr_ratio=0.1)
+    factors = [lr_factor(s, config) for s in range(config.iters)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+    assert lr_factor(config.iters, config) == pytest.approx(0.1)
+    constant = TrainConfig(iters=20, warmup=0, schedule="constant")
+    assert {lr_factor(s, constant) for s in range(20)} == {1.0}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_loss_falls_on_a_repeated_text_and_every_output_is_written(tmp_path, corpus, prompts, kind):
+    config = tiny_config(tmp_path, corpus, prompts, kind=kind, iters=30, eval_every=10, lr=1e-2, warmup=3)
+    with pytest.warns(UserWarning, match="high for fine-tuning"):
+        summary = run(config)
+    out = tmp_path / "run"
+    assert summary["status"] == "complete" and summary["steps"] == 30
+    assert summary["val_ppl_end"] < 0.5 * summary["val_ppl_start"]
+    for name in OUTPUTS:
+        assert (out / name).exists(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    metrics = read_metrics(out)
+    train = [m for m in metrics if m["kind"] == "train"]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    assert [m["step"] for m in train] == list(range(1, 31))
+    assert [m["step"] for m in evals] == [0, 10, 20, 30]
+    assert {"loss", "lr", "tokens_per_s", "peak_mem_mb"} <= set(train[0])
+    assert math.isclose(evals[0]["val_ppl"], summary["val_ppl_start"])
+    assert sum(m["loss"] for m in train[-5:]) / 5 < sum(m["loss"] for m in train[:5]) / 5 - 1.0
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["config"]["iters"] == 30 and saved["summary"]["status"] == "complete"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == ["You are a", "You are an"]
+    assert all(len(s["samples"]) == 2 for s in samples)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reloaded_checkpoint_gives_the_same_logits(tmp_path, corpus, prompts):
+    from transformers import AutoModelForCausalLM
+
+    held = {}
+    hooks = Hooks(writers={"complete": [*WRITERS["complete"], lambda ctx: held.update(model=ctx.model)]})
+    run(tiny_config(tmp_path, corpus, prompts, kind="llama", iters=3, lr=5e-4), hooks=hooks)
+    ids = torch.randint(0, 300, (2, 10))
+    held["model"].eval()
+    with torch.no_grad():
+        ref = held["model"](ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint")(ids).logits
+        loaded, _ = load_model(str(tmp_path / "run" / "checkpoint"))
+        ours = loaded(ids).logits
+    assert_close("from_pretrained logits", ref, plain)
+    assert_close("load_model logits", ref, ours)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_after_sigint_equals_an_uninterrupted_run(tmp_path, corpus, prompts, dtype):
+    common = dict(dropout=0.1, iters=8, eval_every=3, lr=1e-3 if dtype == "fp32" else 5e-4, dtype=dtype)
+    whole = tiny_config(tmp_path, corpus, prompts, out=str(tmp_path / "whole"), **common)
+    cut = tiny_config(tmp_path, corpus, prompts, out=str(tmp_path / "cut"), **common)
+    with pytest.warns(UserWarning) if dtype == "fp32" else contextlib.nullcontext():
+        run(whole)
+
+    def interrupt(ctx, record):
+        if ctx.step == 4:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.warns(UserWarning) if dtype == "fp32" else contextlib.nullcontext():
+        first = run(cut, hooks=Hooks(on_step=[interrupt]))
+    assert first["status"] == "interrupted" and first["steps"] == 4
+    for name in ["metrics.jsonl", "loss.png", "checkpoint", "checkpoints", "run.json"]:
+        assert (tmp_path / "cut" / name).exists(), name
+    assert not (tmp_path / "cut" / "samples.md").exists()
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["summary"]["status"] == "interrupted"
+
+    assert main(["--resume", str(tmp_path / "cut")]) == 0
+    a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
+    assert [(m["kind"], m["step"]) for m in a] == [(m["kind"], m["step"]) for m in b]
+    for key in ("loss", "lr", "grad_norm"):
+        ref = torch.tensor([m[key] for m in a if m["kind"] == "train"], dtype=torch.float64)
+        out = torch.tensor([m[key] for m in b if m["kind"] == "train"], dtype=torch.float64)
+        assert_close(f"resumed {key}", ref, out, table={torch.float64: (1e-6, 1e-5)})
+    assert (tmp_path / "cut" / "samples.md").read_text() == (tmp_path / "whole" / "samples.md").read_text()
+
+
+def test_dry_setup_hook_stops_before_any_output(tmp_path, corpus, prompts):
+    def stop(ctx):
+        ctx.stop = True
+
+    summary = run(tiny_config(tmp_path, corpus, prompts, lr=1e-4), hooks=Hooks(on_setup=[stop]))
+    assert summary["status"] == "stopped" and not (tmp_path / "run").exists()

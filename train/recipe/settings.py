@@ -1,0 +1,89 @@
+"""Which settings a fine-tuning run uses: the defaults, then a resumed run's own (from its newest complete
+checkpoint unit), then a preset, then the flags given on the command line, each overriding the one before.
+
+A resumed run keeps what defines it: its model, corpus and block size (and its folder) cannot be changed by a
+flag. Every other setting given again with a new value is recorded in run.json (`resumes`).
+"""
+
+import json
+from pathlib import Path
+
+from .. import config as cfg
+from ..checkpointing.checkpoint import UNITS, UnitError, latest_unit
+
+__all__ = ["merge_settings", "read_run_json", "resumed_config", "resume_changes", "FIXED_ON_RESUME"]
+
+FIXED_ON_RESUME = ("model", "corpus", "block_size", "lora", "lora_rank", "lora_targets", "qlora")
+
+
+def read_run_json(folder) -> dict:
+    """A run folder's run.json; ValueError naming the file when it is missing or not a leanfit run.json."""
+    path = Path(folder) / "run.json"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing (expected a leanfit run folder)")
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+        raise ValueError(f"{path} is not a leanfit run.json (no 'config' object)")
+    return run
+
+
+def resumed_config(resume) -> cfg.TrainConfig:
+    """The config saved in the newest complete unit of the run folder `resume` (its JSON part only)."""
+    resume = Path(resume)
+    if (resume / "train_state.pt").exists() and not (resume / UNITS).is_dir():
+        raise ValueError(f"{resume} was written by an older leanfit (train_state.pt, a pickle file, which is never "
+                         f"loaded): it cannot be resumed; start a new run from its weights with --model "
+                         f"{resume / 'checkpoint'} --out NEW_FOLDER")
+    run = read_run_json(resume)
+    try:
+        _, state, _ = latest_unit(resume, run_id=run.get("run_id"), tensors=False)
+    except UnitError as e:
+        raise ValueError(str(e)) from None
+    return cfg.from_dict({k: v for k, v in state["config"].items() if k != "resume"})
+
+
+def _same(name: str, saved, given) -> bool:
+    if name == "corpus" and saved and given:
+        return Path(saved).resolve() == Path(given).resolve()
+    return saved == given
+
+
+def resume_changes(saved: cfg.TrainConfig, config: cfg.TrainConfig, source: str = "the config") -> dict:
+    """{field: [saved, new]} of what a resumed run changes; ValueError when it would change a fixed setting."""
+    for name in FIXED_ON_RESUME:
+        if not _same(name, getattr(saved, name), getattr(config, name)):
+            raise ValueError(f"{source}: the run was started with {name} {getattr(saved, name)!r}, not "
+                             f"{getattr(config, name)!r}, and a resumed run keeps its {name.replace('_', ' ')}")
+    return {k: [v, getattr(config, k)] for k, v in cfg.to_dict(saved).items()
+            if k not in ("resume", "out") and not _same(k, v, getattr(config, k))}
+
+
+def merge_settings(flags: dict, preset: str | None = None) -> cfg.TrainConfig:
+    """The run's `TrainConfig` from the flags given (`TrainConfig` field names, unset ones left out) and a preset.
+
+    With `flags["resume"]`, the newest complete unit of that folder supplies every setting not given.
+    Raises:
+        ValueError for a resume folder without a complete unit, a flag that would change a fixed setting, or
+        an unknown preset.
+    """
+    base = cfg.TrainConfig()
+    resume = flags.get("resume")
+    if resume:
+        base = resumed_config(resume)
+        if "out" in flags and Path(flags["out"]).resolve() != Path(resume).resolve():
+            raise ValueError(f"--out {flags['out']}: a resumed run continues in its own folder ({resume}); "
+                             f"leave --out out")
+        flags = {**flags, "out": str(resume)}
+    saved = base
+    if preset is not None:
+        if preset not in cfg.PRESETS:
+            raise ValueError(f"--preset: expected one of {', '.join(cfg.PRESETS)}, got {preset!r}")
+        base = cfg.from_dict(cfg.PRESETS[preset], base)
+    config = cfg.from_dict(flags, base)
+    if resume:
+        given = [f"--{k.replace('_', '-')} {flags[k]}" for k in FIXED_ON_RESUME if k in flags]
+        resume_changes(saved, config, ", ".join(given + ([f"--preset {preset}"] if preset else [])) or "--resume")
+    return config
