@@ -58,3 +58,18 @@ def tiny_model_dir(kind: str = "gpt2", dropout: float = 0.0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_run_config(tmp_path, corpus, prompts, kind: str = "gpt2", dropout: float = 0.0, **overrides):
+    """The tiny fine-tuning run the train tests share: a random `kind` model, 8 steps of 2 x 16 tokens on the CPU
+    (32 tokens per step), validation every 4 steps, 2 samples of 12 tokens per prompt; `overrides` change any
+    `TrainConfig` field (e.g. `out=`, `iters=`, `lora=True`)."""
+    from leanfit.train.config import TrainConfig  # deferred: tiny_lm is imported by subprocess workers too
+
+    values = dict(
+        model=str(tiny_model_dir(kind, dropout)), corpus=str(corpus), block_size=16, batch_size=2, iters=8,
+        warmup=2, lr=3e-3, eval_every=4, val_fraction=0.2, device="cpu", out=str(tmp_path / "run"),
+        prompts=str(prompts), num_return_sequences=2, max_length=12, loss="chunked",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)

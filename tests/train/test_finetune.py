@@ -15,34 +15,10 @@ from leanfit.train.recipe.finetune import run
 from leanfit.train.recipe.outputs import WRITERS
 from leanfit.train.step import accumulate_gradients, lr_factor, make_loss_fn
 from tests.helpers import assert_close
-from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
+from tests.tiny_lm import tiny_model_dir, tiny_run_config
 
 GRAD_TOL = {torch.float32: (1e-6, 1e-4)}
 OUTPUTS = ["metrics.jsonl", "loss.png", "checkpoint", "checkpoints", "run.json", "samples.md", "samples.jsonl"]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TRAIN_TEXT, encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def prompts(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("You are a\nYou are an\n", encoding="utf-8")
-    return path
-
-
-def tiny_config(tmp_path, corpus, prompts, kind="gpt2", dropout=0.0, **overrides):
-    values = dict(
-        model=str(tiny_model_dir(kind, dropout)), corpus=str(corpus), block_size=16, batch_size=2, iters=8,
-        warmup=2, lr=3e-3, eval_every=4, val_fraction=0.2, device="cpu", out=str(tmp_path / "run"),
-        prompts=str(prompts), num_return_sequences=2, max_length=12, loss="chunked",
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def read_metrics(out):
@@ -95,7 +71,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_loss_falls_on_a_repeated_text_and_every_output_is_written(tmp_path, corpus, prompts, kind):
-    config = tiny_config(tmp_path, corpus, prompts, kind=kind, iters=30, eval_every=10, lr=1e-2, warmup=3)
+    config = tiny_run_config(tmp_path, corpus, prompts, kind=kind, iters=30, eval_every=10, lr=1e-2, warmup=3)
     with pytest.warns(UserWarning, match="high for fine-tuning"):
         summary = run(config)
     out = tmp_path / "run"
@@ -125,7 +101,7 @@ def test_reloaded_checkpoint_gives_the_same_logits(tmp_path, corpus, prompts):
 
     held = {}
     hooks = Hooks(writers={"complete": [*WRITERS["complete"], lambda ctx: held.update(model=ctx.model)]})
-    run(tiny_config(tmp_path, corpus, prompts, kind="llama", iters=3, lr=5e-4), hooks=hooks)
+    run(tiny_run_config(tmp_path, corpus, prompts, kind="llama", iters=3, lr=5e-4), hooks=hooks)
     ids = torch.randint(0, 300, (2, 10))
     held["model"].eval()
     with torch.no_grad():
@@ -140,8 +116,8 @@ def test_reloaded_checkpoint_gives_the_same_logits(tmp_path, corpus, prompts):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_resume_after_sigint_equals_an_uninterrupted_run(tmp_path, corpus, prompts, dtype):
     common = dict(dropout=0.1, iters=8, eval_every=3, lr=1e-3 if dtype == "fp32" else 5e-4, dtype=dtype)
-    whole = tiny_config(tmp_path, corpus, prompts, out=str(tmp_path / "whole"), **common)
-    cut = tiny_config(tmp_path, corpus, prompts, out=str(tmp_path / "cut"), **common)
+    whole = tiny_run_config(tmp_path, corpus, prompts, out=str(tmp_path / "whole"), **common)
+    cut = tiny_run_config(tmp_path, corpus, prompts, out=str(tmp_path / "cut"), **common)
     with pytest.warns(UserWarning) if dtype == "fp32" else contextlib.nullcontext():
         run(whole)
 
@@ -171,5 +147,5 @@ def test_dry_setup_hook_stops_before_any_output(tmp_path, corpus, prompts):
     def stop(ctx):
         ctx.stop = True
 
-    summary = run(tiny_config(tmp_path, corpus, prompts, lr=1e-4), hooks=Hooks(on_setup=[stop]))
+    summary = run(tiny_run_config(tmp_path, corpus, prompts, lr=1e-4), hooks=Hooks(on_setup=[stop]))
     assert summary["status"] == "stopped" and not (tmp_path / "run").exists()

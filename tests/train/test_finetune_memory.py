@@ -7,23 +7,15 @@ import torch
 
 from leanfit.train.checkpointing.checkpoint import latest_unit
 from leanfit.train.commands.finetune import main
-from leanfit.train.config import TrainConfig
 from leanfit.train.recipe.context import Hooks
 from leanfit.train.recipe.finetune import OutOfMemory, run
 from leanfit.train.step import make_loss_fn
 from tests.helpers import assert_close
-from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
+from tests.tiny_lm import tiny_model_dir, tiny_run_config
 
 PARAM_TOL = {torch.float32: (1e-5, 1e-4)}
 SECTIONS = ["## Configuration", "## Loss curves", "## Memory", "## Perplexity", "## The a/an probe",
             "## Prompt studies", "## Samples"]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TRAIN_TEXT, encoding="utf-8")
-    return path
 
 
 @pytest.fixture
@@ -34,11 +26,8 @@ def prompts(tmp_path):
 
 
 def tiny(tmp_path, corpus, prompts, **overrides):
-    values = dict(model=str(tiny_model_dir("gpt2")), corpus=str(corpus), block_size=16, batch_size=2, iters=4,
-                  warmup=1, lr=5e-4, eval_every=2, val_fraction=0.2, device="cpu", out=str(tmp_path / "run"),
-                  prompts=str(prompts), num_return_sequences=2, max_length=12, eval_contexts=5)
-    values.update(overrides)
-    return TrainConfig(**values)
+    return tiny_run_config(tmp_path, corpus, prompts, **{**dict(iters=4, warmup=1, lr=5e-4, eval_every=2,
+                                                                eval_contexts=5), **overrides})
 
 
 def argv(tmp_path, corpus, *extra):

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from leanfit.train.commands.finetune import main
 from leanfit.train.commands.generate import main as generate_main
-from leanfit.train.config import TrainConfig
 from leanfit.train.lm_loss import causal_lm_loss
 from leanfit.train.memory.budget import NothingFits, choose_config, finetune_args
 from leanfit.train.memory.estimate import StepConfig, estimate_step
@@ -25,7 +24,7 @@ from leanfit.train.recipe.context import Hooks
 from leanfit.train.recipe.finetune import run
 from leanfit.train.recipe.outputs import WRITERS
 from tests.helpers import assert_close
-from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
+from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir, tiny_run_config
 from tests.train.test_cli_errors import one_line_error
 from tests.train.test_estimate import measured_peak
 
@@ -124,21 +123,18 @@ def test_lora_on_the_embedded_smollm2_lowers_the_loss_and_changes_only_adapters(
 
 
 @pytest.fixture
-def files(tmp_path):
-    corpus, prompts = tmp_path / "corpus.txt", tmp_path / "prompts.txt"
-    corpus.write_text(TRAIN_TEXT, encoding="utf-8")
+def files(corpus, tmp_path):
+    prompts = tmp_path / "prompts.txt"
     prompts.write_text("You are a\n", encoding="utf-8")
     return corpus, prompts
 
 
 def lora_config(tmp_path, files, name, **overrides):
     corpus, prompts = files
-    values = dict(model=str(tiny_model_dir("llama", 0.1)), corpus=str(corpus), prompts=str(prompts), block_size=16,
-                  batch_size=2, iters=6, warmup=1, lr=3e-3, eval_every=3, val_fraction=0.2, device="cpu",
-                  out=str(tmp_path / name), num_return_sequences=1, max_length=8, eval_contexts=0, eval_study=False,
-                  lora=True, lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="q_proj,v_proj,down_proj")
-    values.update(overrides)
-    return TrainConfig(**values)
+    values = dict(out=str(tmp_path / name), iters=6, warmup=1, eval_every=3, num_return_sequences=1, max_length=8,
+                  eval_contexts=0, eval_study=False, lora=True, lora_rank=4, lora_alpha=8.0, lora_dropout=0.1,
+                  lora_targets="q_proj,v_proj,down_proj")
+    return tiny_run_config(tmp_path, corpus, prompts, kind="llama", dropout=0.1, **{**values, **overrides})
 
 
 def _metrics(out):

@@ -29,11 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TRAIN_TEXT, encoding="utf-8")
-    (tmp_path / "prompts.txt").write_text("You are a\nYou are an\n", encoding="utf-8")
-    return path
+def corpus(corpus, prompts):
+    """The shared corpus, with the shared prompts.txt beside it (argv passes both)."""
+    return corpus
 
 
 def argv(tmp_path, corpus, out="run", *extra):

@@ -239,9 +239,9 @@ def latest_unit(out, run_id: str | None = None, tensors: bool = True) -> tuple[P
     raise UnitError(f"{Path(out)} has no complete checkpoint in {UNITS}/ to resume from{detail}")
 
 
-def load_unit(unit) -> dict:
-    """The train state of one unit, checked as `latest_unit` checks it."""
-    return _check_unit(Path(unit), None)
+def load_unit(unit, run_id: str | None = None) -> dict:
+    """The train state of one unit (tensors included), checked as `latest_unit` checks it."""
+    return _check_unit(Path(unit), run_id)
 
 
 def clean_stale(out) -> list[str]:

@@ -11,7 +11,7 @@ from ..gpus import GPUS, gpu_card
 from ..recipe.distributed import close_process_group
 from ..recipe.finetune import OutOfMemory, run
 from ..recipe.outputs import FILES
-from ..recipe.settings import merge_settings
+from ..recipe.settings import ResumePoint, merge_settings
 from ..units import parse_bytes
 from .cache import CACHE_HELP
 from .common import (
@@ -126,6 +126,12 @@ def build_parser() -> OneLineParser:
 
 def parse_args(argv) -> tuple[cfg.TrainConfig, bool, bool]:
     """(the run's config, dry run?, overwrite?) from the command line; ValueError on a bad combination."""
+    config, _, dry_run, overwrite = parse(argv)
+    return config, dry_run, overwrite
+
+
+def parse(argv) -> tuple[cfg.TrainConfig, ResumePoint | None, bool, bool]:
+    """(the run's config, its resume point, dry run?, overwrite?) from the command line."""
     flags = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     preset = flags.pop("preset", None)
     dry_run = bool(flags.pop("dry_run", False))
@@ -135,7 +141,7 @@ def parse_args(argv) -> tuple[cfg.TrainConfig, bool, bool]:
     given = [f"--{k.replace('_', '-')}" for k in LORA_OPTIONS if k in flags]
     if given and not (flags.get("lora") or flags.get("qlora") or flags.get("resume")):
         raise ValueError(f"{', '.join(given)}: LoRA options, expected --lora or --qlora with them")
-    return merge_settings(flags, preset), dry_run, overwrite
+    return *merge_settings(flags, preset), dry_run, overwrite
 
 
 def print_summary(s: dict):
@@ -185,10 +191,10 @@ def rank_main(main):
 def main(argv=None) -> int:
     prog = "leanfit finetune"
     try:
-        config, dry_run, overwrite = parse_args(argv)
+        config, point, dry_run, overwrite = parse(argv)
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
-            s = run(config, dry_run=dry_run, overwrite=overwrite)
+            s = run(config, dry_run=dry_run, overwrite=overwrite, resume=point)
     except ValueError as e:
         return fail(prog, e)
     except (FloatingPointError, OutOfMemory, SaveError) as e:

@@ -212,11 +212,11 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
     kwargs = estimate_kwargs or {}
     cache = {}
 
-    def est(cfg):
+    def est(spec):
         key = tuple((k, v if isinstance(v, (str, int, float, bool, type(None))) else id(v))
-                    for k, v in sorted(vars(cfg).items()))
+                    for k, v in sorted(vars(spec).items()))
         if key not in cache:
-            cache[key] = estimate_step(cfg, **kwargs)
+            cache[key] = estimate_step(spec, **kwargs)
         return cache[key]
 
     if gpu is not None:
@@ -229,12 +229,12 @@ def choose_config(model, target_tokens_per_step, block_size, budget_bytes, devic
     for name, settings in levels or levels_for(device_kind, gpu, lora, allow_lora):
         if settings.get("optimizer_in_backward") and not allow_optimizer_in_backward:
             continue
-        cfg = replace(base, **settings)
-        min_b = batch if cfg.optimizer_in_backward else 1
-        found, nxt = _largest_fitting(cfg, batch, budget_bytes, est, min_b)
+        spec = replace(base, **settings)
+        min_b = batch if spec.optimizer_in_backward else 1
+        found, nxt = _largest_fitting(spec, batch, budget_bytes, est, min_b)
         if found is None:
             if min_b == 1:
-                smallest = est(replace(cfg, batch_size=1))
+                smallest = est(replace(spec, batch_size=1))
             continue
         results.append((name, found, nxt))
         b = found.config.batch_size

@@ -183,8 +183,8 @@ def _env_bytes(name, default):
     return default if value is None else parse_bytes(value)
 
 
-def _overheads(cfg, tensor_peak, cuda_context_bytes, cublas_workspace_bytes, allocator_margin):
-    if cfg.device_kind != "cuda":
+def _overheads(spec, tensor_peak, cuda_context_bytes, cublas_workspace_bytes, allocator_margin):
+    if spec.device_kind != "cuda":
         return {}
     ctx = _env_bytes("LEANFIT_CUDA_CONTEXT", CUDA_CONTEXT_BYTES) if cuda_context_bytes is None else cuda_context_bytes
     margin = float(os.environ.get("LEANFIT_ALLOCATOR_MARGIN", ALLOCATOR_MARGIN)) if allocator_margin is None \
@@ -193,12 +193,12 @@ def _overheads(cfg, tensor_peak, cuda_context_bytes, cublas_workspace_bytes, all
     return {"cublas_workspace": cublas, "allocator_margin": int(margin * tensor_peak), "cuda_context": ctx}
 
 
-def estimate_step(cfg=None, *, cuda_context_bytes=None, cublas_workspace_bytes=None, allocator_margin=None,
+def estimate_step(spec=None, *, cuda_context_bytes=None, cublas_workspace_bytes=None, allocator_margin=None,
                   top=5, **kwargs):
-    """Traces one training step of `cfg` (a StepConfig, or its fields as keyword arguments) on `meta`.
+    """Traces one training step of `spec` (a StepConfig, or its fields as keyword arguments) on `meta`.
 
     Args:
-        cfg: the step to estimate; `cfg.model` is a built-in architecture, a local dir or a cached hub id (or a
+        spec: the step to estimate; `spec.model` is a built-in architecture, a local dir or a cached hub id (or a
             config object).
         cuda_context_bytes, cublas_workspace_bytes, allocator_margin: override the documented constants.
         top: how many modules to list by the activation memory they keep.
@@ -210,11 +210,11 @@ def estimate_step(cfg=None, *, cuda_context_bytes=None, cublas_workspace_bytes=N
         >>> est = estimate_step(model="gpt2", batch_size=24, block_size=1024, loss_impl="chunked")
         >>> print(est.table(budget_bytes=parse_bytes("15GiB")))
     """
-    cfg = (cfg or StepConfig(**kwargs)).validate()
-    traced = trace_fsdp_step(cfg) if cfg.parallel == "fsdp2" else trace_step(cfg, top=top)
+    spec = (spec or StepConfig(**kwargs)).validate()
+    traced = trace_fsdp_step(spec) if spec.parallel == "fsdp2" else trace_step(spec, top=top)
     tensor_peak = sum(traced["breakdown"].values())
-    extra = _overheads(cfg, tensor_peak, cuda_context_bytes, cublas_workspace_bytes, allocator_margin)
+    extra = _overheads(spec, tensor_peak, cuda_context_bytes, cublas_workspace_bytes, allocator_margin)
     breakdown = {**traced["breakdown"], **extra}
     allocated = tensor_peak + extra.get("cublas_workspace", 0)
-    return Estimate(cfg, sum(breakdown.values()), tensor_peak, allocated, breakdown, traced["top_modules"],
+    return Estimate(spec, sum(breakdown.values()), tensor_peak, allocated, breakdown, traced["top_modules"],
                     traced["n_params"], traced["n_trainable"], traced["attention"])

@@ -52,35 +52,35 @@ def _loss(model, ids, num_items, impl):
     return causal_lm_loss(model, ids, impl=impl, reduction="sum", num_items=num_items, all_targets_valid=True)
 
 
-def _trace(cfg):
+def _trace(spec):
     from torch._subclasses.fake_tensor import FakeTensorMode  # deferred: tracing internals
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 
-    config = load_config(cfg.model)
-    mesh = init_device_mesh("cpu", (cfg.world_size,))
+    config = load_config(spec.model)
+    mesh = init_device_mesh("cpu", (spec.world_size,))
     with FakeTensorMode():
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation,
-                                                 dtype=torch_dtype(cfg.dtype))
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=spec.attn_implementation,
+                                                 dtype=torch_dtype(spec.dtype))
         model.train()
-        if cfg.grad_checkpointing:
+        if spec.grad_checkpointing:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        module = LossModule(model, lambda m, ids, n: _loss(m, ids, n, cfg.traced_loss))
-        policy = MixedPrecisionPolicy(param_dtype=torch_dtype(cfg.autocast), reduce_dtype=torch.float32) \
-            if cfg.autocast else MixedPrecisionPolicy()
+        module = LossModule(model, lambda m, ids, n: _loss(m, ids, n, spec.traced_loss))
+        policy = MixedPrecisionPolicy(param_dtype=torch_dtype(spec.autocast), reduce_dtype=torch.float32) \
+            if spec.autocast else MixedPrecisionPolicy()
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(module, mesh=mesh, mp_policy=policy)
-        opt = make_optimizer(module, cfg.optimizer, cfg.device_kind, traced=True)
+        opt = make_optimizer(module, spec.optimizer, spec.device_kind, traced=True)
         _warm_optimizer(module, opt.step)
-        ids = torch.zeros(cfg.batch_size, cfg.block_size, dtype=torch.long)
+        ids = torch.zeros(spec.batch_size, spec.block_size, dtype=torch.long)
         mt = _tracker_class()(module, opt)
         mt.track_inputs((ids,))
-        sdpa = traced_step(cfg, mt, lambda: module(ids, float(cfg.batch_size * (cfg.block_size - 1) * cfg.world_size)),
-                           opt)
+        targets = float(spec.batch_size * (spec.block_size - 1) * spec.world_size)
+        sdpa = traced_step(spec, mt, lambda: module(ids, targets), opt)
         peak = next(iter(mt.get_tracker_snapshot("peak").values()), {})
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -93,11 +93,11 @@ def _trace(cfg):
             "attention": dict(sdpa.kernels)}
 
 
-def _in_fresh_process(cfg) -> dict:
-    if not isinstance(cfg.model, str):
+def _in_fresh_process(spec) -> dict:
+    if not isinstance(spec.model, str):
         raise ValueError(f"an FSDP2 estimate inside a running process group needs the model by name, given a "
-                         f"{type(cfg.model).__name__}")
-    given = json.dumps({**asdict(cfg), "traced_loss": cfg.traced_loss})
+                         f"{type(spec.model).__name__}")
+    given = json.dumps({**asdict(spec), "traced_loss": spec.traced_loss})
     done = subprocess.run([sys.executable, "-m", "leanfit.train.memory.fsdp_trace"], input=given,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -106,15 +106,15 @@ def _in_fresh_process(cfg) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def trace_fsdp_step(cfg) -> dict:
-    """`step_trace.trace_step`'s result for one rank of an FSDP2 run of `cfg.world_size` ranks."""
+def trace_fsdp_step(spec) -> dict:
+    """`step_trace.trace_step`'s result for one rank of an FSDP2 run of `spec.world_size` ranks."""
     if dist.is_initialized():
-        return _in_fresh_process(cfg)
+        return _in_fresh_process(spec)
     from torch.testing._internal.distributed.fake_pg import FakeStore  # deferred: registers the fake backend
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cfg.world_size)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=spec.world_size)
     try:
-        return _trace(cfg)
+        return _trace(spec)
     finally:
         dist.destroy_process_group()
 

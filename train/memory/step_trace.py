@@ -78,16 +78,16 @@ def _top_modules(mt, top):
     return kept[1:top + 1] if len(kept) > 1 else kept
 
 
-def traced_step(cfg, tracker, forward, opt):
-    """`forward()` (which returns the loss), the backward and `opt`'s step of `cfg`, under `tracker` and the
+def traced_step(spec, tracker, forward, opt):
+    """`forward()` (which returns the loss), the backward and `opt`'s step of `spec`, under `tracker` and the
     stand-ins of train/memory/meta_trace.py; returns the SDPA stand-in, which counts the attention kernels."""
-    autocast = AutocastEmulation(torch_dtype(cfg.autocast), cfg.device_kind) if cfg.autocast \
+    autocast = AutocastEmulation(torch_dtype(spec.autocast), spec.device_kind) if spec.autocast \
         else contextlib.nullcontext()
-    sdpa = SdpaStandIn(cfg.device_kind, GPUS[cfg.gpu].capability if cfg.gpu else None)
+    sdpa = SdpaStandIn(spec.device_kind, GPUS[spec.gpu].capability if spec.gpu else None)
     with warnings.catch_warnings(), unpacked_sequences(), sdpa, autocast, tracker:
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
         loss = forward()
-        if cfg.autocast:
+        if spec.autocast:
             autocast.clear_cache()
         run_backward(loss)
         del loss
@@ -96,16 +96,16 @@ def traced_step(cfg, tracker, forward, opt):
     return sdpa
 
 
-def trace_step(cfg, top=5):
+def trace_step(spec, top=5):
     """Peak breakdown {category: bytes}, top modules, parameter count and attention calls by kernel of one
-    traced step of `cfg`."""
-    model = build_meta_model(load_config(cfg.model), cfg.dtype, cfg.attn_implementation, cfg.grad_checkpointing)
-    if cfg.lora:
-        model = lora_meta_model(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                                cfg.quantize, torch_dtype(cfg.autocast or cfg.dtype))
-    ids = torch.zeros(cfg.batch_size, cfg.block_size, dtype=torch.long, device="meta")
-    opt = make_optimizer(model, cfg.optimizer, cfg.device_kind, in_backward=cfg.optimizer_in_backward, traced=True)
-    if cfg.optimizer_in_backward:
+    traced step of `spec`."""
+    model = build_meta_model(load_config(spec.model), spec.dtype, spec.attn_implementation, spec.grad_checkpointing)
+    if spec.lora:
+        model = lora_meta_model(model, spec.lora_rank, spec.lora_alpha, spec.lora_dropout, spec.lora_targets,
+                                spec.quantize, torch_dtype(spec.autocast or spec.dtype))
+    ids = torch.zeros(spec.batch_size, spec.block_size, dtype=torch.long, device="meta")
+    opt = make_optimizer(model, spec.optimizer, spec.device_kind, in_backward=spec.optimizer_in_backward, traced=True)
+    if spec.optimizer_in_backward:
         _warm_optimizer(model, opt.step_all)
         states = opt.optimizers
     else:
@@ -114,7 +114,7 @@ def trace_step(cfg, top=5):
     mt = _PeakTracker()
     mt.skip_frozen(model)
     mt.track_external(model, *states, ids)
-    sdpa = traced_step(cfg, mt, lambda: causal_lm_loss(model, ids, impl=cfg.traced_loss, all_targets_valid=True), opt)
+    sdpa = traced_step(spec, mt, lambda: causal_lm_loss(model, ids, impl=spec.traced_loss, all_targets_valid=True), opt)
     peak = mt.get_tracker_snapshot("peak").get(torch.device("meta"), {})
     breakdown = dict.fromkeys(("parameters", "gradients", "optimizer_state", "activations", "temporaries"), 0)
     for kind, n in peak.items():

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .. import config as cfg
-from ..checkpointing.checkpoint import UnitError, latest_unit
+from ..checkpointing.checkpoint import load_unit
 from ..data import BlockLoader, make_blocks, split_blocks
 from ..dtypes import torch_dtype
 from ..memory.planning import oom_advice, plan_memory
@@ -50,7 +50,7 @@ from .context import Hooks, RunContext, restore_train_state
 from .distributed import start_parallel
 from .outputs import summary, write_metrics, write_outputs, write_run_json, write_unit
 from .preflight import Checked, claim_out, preflight
-from .settings import read_run_json, resume_changes, resumed_config
+from .settings import ResumePoint, resume_changes
 
 __all__ = ["setup", "train_step", "train_loop", "run", "OutOfMemory", "HIGH_LR"]
 
@@ -61,18 +61,14 @@ class OutOfMemory(RuntimeError):
     """The device ran out of memory during training; the checkpoint and memory report were saved."""
 
 
-def _resume(ctx: RunContext, resume: Path, unit: Path):
-    state_unit, state, skipped = latest_unit(resume, ctx.run_id, tensors=True)
-    for reason in skipped:
+def _resume(ctx: RunContext, point: ResumePoint):
+    for reason in point.skipped:
         print(f"warning: passing over a damaged checkpoint: {reason}", file=sys.stderr, flush=True)
-    if state_unit != unit:
-        raise UnitError(f"{resume}: the newest complete checkpoint changed while the run started ({unit.name} -> "
-                        f"{state_unit.name})")
-    restore_train_state(ctx, state, state_unit)
-    run = read_run_json(resume)
-    changed = resume_changes(resumed_config(resume), ctx.config)
-    ctx.resumes = list(run.get("resumes", [])) + [{"step": ctx.step, "changed": changed}]
-    print(f"resuming {resume} from {unit.name}" + (f", changed: {changed}" if changed else ""), flush=True)
+    restore_train_state(ctx, load_unit(point.unit, point.run_id), point.unit)
+    changed = resume_changes(point.config, ctx.config)
+    ctx.resumes = list(point.run.get("resumes", [])) + [{"step": ctx.step, "changed": changed}]
+    print(f"resuming {point.folder} from {point.unit.name}" + (f", changed: {changed}" if changed else ""),
+          flush=True)
 
 
 def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = None) -> RunContext:
@@ -111,9 +107,9 @@ def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = No
                      "tokens": blocks.numel(), "sha256": hashlib.sha256(checked.text.encode()).hexdigest()},
         run_id=par.broadcast(uuid.uuid4().hex), parallel=par,
     )
-    if config.resume:
-        ctx.run_id = read_run_json(config.resume).get("run_id", "")
-        _resume(ctx, Path(config.resume), Path(checked.model_ref))
+    if checked.resume is not None:
+        ctx.run_id = checked.resume.run_id
+        _resume(ctx, checked.resume)
     return ctx
 
 
@@ -254,7 +250,7 @@ def _handle_oom(ctx: RunContext, message: str, hooks: Hooks):
 
 
 def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | None = None,
-        dry_run: bool = False, overwrite: bool = False) -> dict:
+        dry_run: bool = False, overwrite: bool = False, resume: ResumePoint | None = None) -> dict:
     """Fine-tunes `config.model` on `config.corpus` and writes every output to `config.out`.
 
     Args:
@@ -264,6 +260,7 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
         dry_run: print the memory plan (`planning.plan_memory`) and return before loading weights or writing.
         overwrite: a fresh run may replace the outputs of whatever run `config.out` holds (else it refuses a
             folder that is not empty).
+        resume: the `settings.ResumePoint` of `config.resume` when the caller has read it (else it is read here).
     Returns:
         the summary written to run.json: status, out, steps, val_ppl_start, val_ppl_end, ...;
         for a dry run {"status": "dry-run", "config", "plan"}.
@@ -275,7 +272,7 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
     """
     hooks = hooks or Hooks()
     config = cfg.validate(config)
-    checked = preflight(config, overwrite=overwrite, dry_run=dry_run)
+    checked = preflight(config, overwrite=overwrite, dry_run=dry_run, resume=resume)
     par = start_parallel(config, checked)
     if dry_run or config.memory_budget or config.gpu:
         config, plan = par.broadcast(plan_memory(config, checked.model_ref, par.world_size) if par.is_main else None)

@@ -15,7 +15,7 @@ import torch
 
 from .. import config as cfg
 from ..checkpointing.atomic import check_writable
-from ..checkpointing.checkpoint import UNITS, UnitError, clean_stale, latest_unit, remove_unit_outputs
+from ..checkpointing.checkpoint import UNITS, clean_stale, remove_unit_outputs
 from ..data import DEFAULT_CORPUS, read_corpus
 from ..evaluation.generate import DEFAULT_PROMPTS, check_prompt_lengths, read_prompts, resolve_device
 from ..gpus import check_properties
@@ -25,7 +25,7 @@ from ..model.lora import check_lora_targets
 from ..model.quant import check_qlora
 from ..parallel import Parallel
 from .outputs import OWN_FILES, RUN_SCHEMA
-from .settings import read_run_json
+from .settings import ResumePoint, read_run_json, resume_point
 
 __all__ = ["Checked", "preflight", "check_dtype", "check_gpu", "claim_out"]
 
@@ -33,12 +33,14 @@ __all__ = ["Checked", "preflight", "check_dtype", "check_gpu", "claim_out"]
 @dataclass
 class Checked:
     """What the checks found, for setup to use: the device, the corpus text and its path, the model to load (on
-    resume: the newest complete unit), and the ranks (one process until `distributed.start_parallel`)."""
+    resume: the newest complete unit), the resume point (None for a fresh run) and the ranks (one process until
+    `distributed.start_parallel`)."""
 
     device: torch.device
     corpus_path: Path
     text: str
     model_ref: str
+    resume: ResumePoint | None = None
     parallel: Parallel = field(default_factory=Parallel)
 
 
@@ -84,8 +86,11 @@ def _check_out(config: cfg.TrainConfig, overwrite: bool):
                      f"--overwrite to write into it (files of the run's names are then replaced)")
 
 
-def preflight(config: cfg.TrainConfig, overwrite: bool = False, dry_run: bool = False) -> Checked:
+def preflight(config: cfg.TrainConfig, overwrite: bool = False, dry_run: bool = False,
+              resume: ResumePoint | None = None) -> Checked:
     """Checks `config` against this machine, its files and the model's config; loads no weights, writes nothing.
+
+    `resume` is the resume point the settings were merged from (read here when not given).
 
     Raises:
         ValueError (with the flag or file, what was expected and what was given) for the first problem found.
@@ -97,12 +102,11 @@ def preflight(config: cfg.TrainConfig, overwrite: bool = False, dry_run: bool = 
     _check_loss(config.loss, device)
     corpus_path = Path(config.corpus) if config.corpus else DEFAULT_CORPUS
     text = read_corpus(corpus_path, config.encoding)
+    point = None
     if config.resume:
-        try:
-            unit, _, _ = latest_unit(config.resume, read_run_json(config.resume).get("run_id"), tensors=False)
-        except UnitError as e:
-            raise ValueError(str(e)) from None
-        model_ref = str(unit)
+        same = resume is not None and resume.folder.resolve() == Path(config.resume).resolve()
+        point = resume if same else resume_point(config.resume)
+        model_ref = str(point.unit)
     else:
         model_ref = config.model
         resolve_model(model_ref)
@@ -115,7 +119,7 @@ def preflight(config: cfg.TrainConfig, overwrite: bool = False, dry_run: bool = 
         prompts = read_prompts(config.prompts or DEFAULT_PROMPTS)
         check_prompt_lengths(load_tokenizer(model_ref), prompts, config.max_length)
         _check_out(config, overwrite)
-    return Checked(device, corpus_path, text, model_ref)
+    return Checked(device, corpus_path, text, model_ref, point)
 
 
 def claim_out(out: Path, overwrite: bool, fresh: bool) -> list[str]:

@@ -6,12 +6,13 @@ flag. Every other setting given again with a new value is recorded in run.json (
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as cfg
 from ..checkpointing.checkpoint import UNITS, UnitError, latest_unit
 
-__all__ = ["merge_settings", "read_run_json", "resumed_config", "resume_changes", "FIXED_ON_RESUME"]
+__all__ = ["ResumePoint", "resume_point", "merge_settings", "read_run_json", "resume_changes", "FIXED_ON_RESUME"]
 
 FIXED_ON_RESUME = ("model", "corpus", "block_size", "lora", "lora_rank", "lora_targets", "qlora")
 
@@ -30,19 +31,40 @@ def read_run_json(folder) -> dict:
     return run
 
 
-def resumed_config(resume) -> cfg.TrainConfig:
-    """The config saved in the newest complete unit of the run folder `resume` (its JSON part only)."""
-    resume = Path(resume)
-    if (resume / "train_state.pt").exists() and not (resume / UNITS).is_dir():
-        raise ValueError(f"{resume} was written by an older leanfit (train_state.pt, a pickle file, which is never "
+@dataclass(frozen=True)
+class ResumePoint:
+    """What a resumed run starts from, read once and handed down: its folder, its run.json, the newest complete
+    checkpoint unit (and why newer ones were passed over) and the settings saved in that unit."""
+
+    folder: Path
+    run: dict
+    unit: Path
+    config: cfg.TrainConfig
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def run_id(self) -> str:
+        return self.run.get("run_id", "")
+
+
+def resume_point(folder) -> ResumePoint:
+    """Reads the run folder `folder` once: run.json, then its newest complete unit (the JSON part of its state).
+
+    Raises:
+        ValueError naming the folder or file when it cannot be resumed.
+    """
+    folder = Path(folder)
+    if (folder / "train_state.pt").exists() and not (folder / UNITS).is_dir():
+        raise ValueError(f"{folder} was written by an older leanfit (train_state.pt, a pickle file, which is never "
                          f"loaded): it cannot be resumed; start a new run from its weights with --model "
-                         f"{resume / 'checkpoint'} --out NEW_FOLDER")
-    run = read_run_json(resume)
+                         f"{folder / 'checkpoint'} --out NEW_FOLDER")
+    run = read_run_json(folder)
     try:
-        _, state, _ = latest_unit(resume, run_id=run.get("run_id"), tensors=False)
+        unit, state, skipped = latest_unit(folder, run_id=run.get("run_id"), tensors=False)
     except UnitError as e:
         raise ValueError(str(e)) from None
-    return cfg.from_dict({k: v for k, v in state["config"].items() if k != "resume"})
+    saved = cfg.from_dict({k: v for k, v in state["config"].items() if k != "resume"})
+    return ResumePoint(folder, run, unit, saved, tuple(skipped))
 
 
 def _same(name: str, saved, given) -> bool:
@@ -61,18 +83,20 @@ def resume_changes(saved: cfg.TrainConfig, config: cfg.TrainConfig, source: str 
             if k not in ("resume", "out") and not _same(k, v, getattr(config, k))}
 
 
-def merge_settings(flags: dict, preset: str | None = None) -> cfg.TrainConfig:
-    """The run's `TrainConfig` from the flags given (`TrainConfig` field names, unset ones left out) and a preset.
+def merge_settings(flags: dict, preset: str | None = None) -> tuple[cfg.TrainConfig, ResumePoint | None]:
+    """The run's `TrainConfig` from the flags given (`TrainConfig` field names, unset ones left out) and a preset,
+    with the `ResumePoint` it was built on (None for a fresh run).
 
     With `flags["resume"]`, the newest complete unit of that folder supplies every setting not given.
     Raises:
         ValueError for a resume folder without a complete unit, a flag that would change a fixed setting, or
         an unknown preset.
     """
-    base = cfg.TrainConfig()
+    base, point = cfg.TrainConfig(), None
     resume = flags.get("resume")
     if resume:
-        base = resumed_config(resume)
+        point = resume_point(resume)
+        base = point.config
         if "out" in flags and Path(flags["out"]).resolve() != Path(resume).resolve():
             raise ValueError(f"--out {flags['out']}: a resumed run continues in its own folder ({resume}); "
                              f"leave --out out")
@@ -86,4 +110,4 @@ def merge_settings(flags: dict, preset: str | None = None) -> cfg.TrainConfig:
     if resume:
         given = [f"--{k.replace('_', '-')} {flags[k]}" for k in FIXED_ON_RESUME if k in flags]
         resume_changes(saved, config, ", ".join(given + ([f"--preset {preset}"] if preset else [])) or "--resume")
-    return config
+    return config, point
