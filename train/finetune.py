@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.launch import indexed_device
 from . import config as cfg
 from .checkpoint import SaveError, UnitError, latest_unit
 from .cli_common import fail
@@ -83,7 +84,7 @@ def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = No
 
     `checked` is what `preflight.preflight(config)` found. Nothing is written here.
     """
-    device, par = checked.device, checked.parallel
+    device, par = indexed_device(checked.device), checked.parallel
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if config.memory_budget and device.type == "cuda":

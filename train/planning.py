@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 
+from ..kernels.launch import indexed_device
 from . import config as cfg
 from .architectures import check_positions, load_config
 from .budget import NothingFits, choose_for_train_config, train_config_changes
@@ -78,7 +79,7 @@ def oom_advice(config: cfg.TrainConfig, device: torch.device) -> str | None:
     if config.memory_budget:
         budget = parse_bytes(config.memory_budget)
     elif device.type == "cuda":
-        budget = torch.cuda.get_device_properties(device).total_memory
+        budget = torch.cuda.get_device_properties(indexed_device(device)).total_memory
     else:
         return None
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.launch import indexed_device
 from . import config as cfg
 from .architectures import check_positions, load_config
 from .atomic import check_writable
@@ -44,7 +45,7 @@ class Checked:
 
 def check_dtype(dtype: str, device: torch.device):
     if dtype == "bf16" and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
+        major, minor = torch.cuda.get_device_capability(indexed_device(device))
         if major < 8:
             raise ValueError(f"--dtype bf16 needs a GPU of compute capability >= 8.0, this one is {major}.{minor} "
                              f"(expected --dtype fp16 or fp32)")
@@ -55,7 +56,7 @@ def check_gpu(gpu: str, device: torch.device):
     if device.type != "cuda":
         raise ValueError(f"--gpu {gpu}: expected to run on that CUDA card, found device {device} "
                          f"(--dry-run plans without it)")
-    check_properties(gpu, torch.cuda.get_device_properties(device))
+    check_properties(gpu, torch.cuda.get_device_properties(indexed_device(device)))
 
 
 def _check_loss(loss: str, device: torch.device):
