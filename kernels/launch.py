@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["KernelConfig", "SHARED_LIMIT", "device_arch", "device_sms", "launch", "record_launches", "shared_limit"]
+__all__ = ["KernelConfig", "SHARED_LIMIT", "device_arch", "device_sms", "indexed_device", "launch", "record_launches",
+           "shared_limit"]
 
 SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
                 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
@@ -29,11 +30,23 @@ def shared_limit(arch: int) -> int:
     return SHARED_LIMIT[max(known)] if known else SHARED_LIMIT[75]
 
 
+def indexed_device(device) -> torch.device:
+    """`device` (a torch.device or its name) with an index: index-less "cuda" becomes cuda:<current device>.
+
+    Some `torch.cuda` calls (`set_per_process_memory_fraction`, `set_device`) refuse an index-less "cuda"; every
+    call in leanfit gets an indexed device, so none depends on which ones accept it.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def device_arch(device: torch.device) -> int | None:
     """The compute capability of a CUDA device as one int, or None off CUDA (the interpreter)."""
     if device.type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = torch.cuda.get_device_capability(indexed_device(device))
     return major * 10 + minor
 
 
@@ -41,7 +54,7 @@ def device_sms(device: torch.device) -> int | None:
     """The number of SMs of a CUDA device (a persistent grid's upper bound), or None off CUDA."""
     if device.type != "cuda":
         return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(indexed_device(device)).multi_processor_count
 
 
 @dataclass(frozen=True)

@@ -19,3 +19,11 @@ def _seed():
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """One simulated 80 GB CUDA card whose stand-ins refuse an index-less device (tests/fake_cuda.py)."""
+    from tests.fake_cuda import install
+
+    return install(monkeypatch)

@@ -2,7 +2,8 @@
 embedding's gradient, sharded units resumed at another world size, the per-rank memory and its estimate, and a
 rank that fails. Every test starts its own processes (torchrun, `leanfit launch` or torch.multiprocessing).
 
-The one-process reference runs the same global batch: 1 rank x 2 sequences against 2 ranks x 1.
+The one-process reference runs the same global batch: 1 rank x 4 sequences against 2 ranks x 2, so the block
+stream must follow the global batch, not the world size.
 """
 
 import json
@@ -110,10 +111,10 @@ def cut_at(src: Path, dst: Path, step: int) -> Path:
 
 @pytest.fixture(scope="module")
 def fsdp2(files, tmp_path_factory):
-    """(2 ranks x 1 sequence with FSDP2, 1 process x 2 sequences): tied GPT-2, 4 steps, a unit each step."""
+    """(2 ranks x 2 sequences with FSDP2, 1 process x 4 sequences): tied GPT-2, 4 steps, a unit each step."""
     root = tmp_path_factory.mktemp("fsdp2")
-    done = torchrun(as_flags(settings(files, root / "ranks", "gpt2", batch_size=1, parallel="fsdp2")))
-    return root / "ranks", single(settings(files, root / "one", "gpt2", batch_size=2)), done
+    done = torchrun(as_flags(settings(files, root / "ranks", "gpt2", batch_size=2, parallel="fsdp2")))
+    return root / "ranks", single(settings(files, root / "one", "gpt2", batch_size=4)), done
 
 
 def test_fsdp2_curve_equals_one_process_and_only_rank_0_writes(fsdp2):
@@ -147,43 +148,43 @@ def test_fsdp2_every_parameter_after_one_step_matches_one_process(fsdp2):
 
 
 def test_ddp_curve_with_accumulation_equals_one_process(files, tmp_path):
-    """Llama (untied head), 2 ranks x 1 sequence x 2 micro-batches against 1 process x 2 x 2."""
+    """Llama (untied head), 2 ranks x 2 sequences x 2 micro-batches against 1 process x 4 x 2."""
     values = dict(grad_accum=2, iters=3, save_every="10min")
-    torchrun(as_flags(settings(files, tmp_path / "ranks", "llama", batch_size=1, parallel="ddp", **values)))
-    one = single(settings(files, tmp_path / "one", "llama", batch_size=2, **values))
+    torchrun(as_flags(settings(files, tmp_path / "ranks", "llama", batch_size=2, parallel="ddp", **values)))
+    one = single(settings(files, tmp_path / "one", "llama", batch_size=4, **values))
     assert_same_curve(one, tmp_path / "ranks")
     steps = [json.loads(line) for line in (tmp_path / "ranks" / "metrics.jsonl").read_text().splitlines()]
-    assert {m["tokens"] for m in steps if m["kind"] == "train"} == {1 * 2 * 2 * 15}  # batch x accum x ranks x 15
+    assert {m["tokens"] for m in steps if m["kind"] == "train"} == {2 * 2 * 2 * 15}  # batch x accum x ranks x 15
 
 
 def test_ddp_with_lora_equals_one_process(files, tmp_path):
     """LoRA adapters (PEFT) under DDP: only the adapters train and are reduced; the unit is an adapter folder."""
     values = dict(iters=2, save_every="10min", lora=True, lora_targets="c_attn,c_fc")
-    torchrun(as_flags(settings(files, tmp_path / "ranks", "gpt2", batch_size=1, parallel="ddp", **values)))
-    one = single(settings(files, tmp_path / "one", "gpt2", batch_size=2, **values))
+    torchrun(as_flags(settings(files, tmp_path / "ranks", "gpt2", batch_size=2, parallel="ddp", **values)))
+    one = single(settings(files, tmp_path / "one", "gpt2", batch_size=4, **values))
     assert_same_curve(one, tmp_path / "ranks")
     assert (tmp_path / "ranks" / "checkpoint" / "adapter_model.safetensors").is_file()
 
 
 def test_resume_two_ranks_on_one_process_equals_an_uninterrupted_run(fsdp2, files, tmp_path):
-    """Units of step 2 sharded by 2 FSDP2 ranks, resharded into one process (no torchrun) with 2 sequences; a
+    """Units of step 2 sharded by 2 FSDP2 ranks, resharded into one process (no torchrun) with 4 sequences; a
     pickle dropped where DCP's own index would be is never opened."""
     ranks, one, _ = fsdp2
     cut = cut_at(ranks, tmp_path / "cut", 2)
     marker = tmp_path / "unpickled"
     hostile(cut / "checkpoint" / "optimizer" / ".metadata", marker)
-    run(TrainConfig(**{**settings(files, cut, "gpt2", batch_size=2), "resume": str(cut)}))
+    run(TrainConfig(**{**settings(files, cut, "gpt2", batch_size=4), "resume": str(cut)}))
     assert not marker.exists()
     assert_same_curve(one, cut)
     assert json.loads((cut / "run.json").read_text())["resumes"][-1] == {
-        "step": 2, "changed": {"batch_size": [1, 2], "parallel": ["fsdp2", "none"]}}
+        "step": 2, "changed": {"batch_size": [2, 4], "parallel": ["fsdp2", "none"]}}
 
 
 def test_resume_one_process_on_two_ranks_equals_an_uninterrupted_run(fsdp2, files, tmp_path):
     """A one-process unit of step 2 (its optimizer state keyed by index) loaded into 2 FSDP2 ranks."""
     _, one, _ = fsdp2
     cut = cut_at(one, tmp_path / "cut", 2)
-    torchrun(["--resume", str(cut), "--batch-size", "1", "--parallel", "fsdp2"])
+    torchrun(["--resume", str(cut), "--batch-size", "2", "--parallel", "fsdp2"])
     assert_same_curve(one, cut)
 
 
@@ -269,6 +270,18 @@ def test_ranks_read_distinct_blocks_that_together_are_one_process_batches():
         whole, parts = one.next_batch(), [r.next_batch() for r in ranks]
         assert torch.equal(whole, torch.cat(parts)) and not set(parts[0][:, 0].tolist()) & set(parts[1][:, 0].tolist())
     assert ranks[0].state_dict() == one.state_dict() and ranks[0].batches_per_epoch == one.batches_per_epoch == 5
+
+
+def test_a_one_process_loader_state_resumed_on_two_ranks_continues_the_same_blocks():
+    blocks = torch.arange(60).view(30, 2)
+    one = BlockLoader(blocks, batch_size=6, seed=5)
+    for _ in range(4):  # into the second epoch (5 global batches of 6)
+        one.next_batch()
+    ranks = [BlockLoader(blocks, batch_size=3, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    for r in ranks:
+        r.load_state_dict(one.state_dict())
+    for _ in range(7):
+        assert torch.equal(one.next_batch(), torch.cat([r.next_batch() for r in ranks]))
 
 
 @pytest.mark.parametrize("change,match", [

@@ -10,10 +10,14 @@ import torch.nn.functional as F
 from leanfit.train.commands.finetune import main
 from leanfit.train.config import TrainConfig
 from leanfit.train.model.loading import load_model
+from leanfit.train.recipe import finetune
 from leanfit.train.recipe.context import Hooks
 from leanfit.train.recipe.finetune import run
 from leanfit.train.recipe.outputs import WRITERS
 from leanfit.train.step import accumulate_gradients, lr_factor, make_loss_fn
+from leanfit.train.units import CUDA_CONTEXT_BYTES
+from tests.fake_cuda import H100_TOTAL_BYTES
+from tests.fake_cuda import install as install_fake_cuda
 from tests.helpers import assert_close
 from tests.tiny_lm import tiny_model_dir, tiny_run_config
 
@@ -149,3 +153,22 @@ def test_dry_setup_hook_stops_before_any_output(tmp_path, corpus, prompts):
 
     summary = run(tiny_run_config(tmp_path, corpus, prompts, lr=1e-4), hooks=Hooks(on_setup=[stop]))
     assert summary["status"] == "stopped" and not (tmp_path / "run").exists()
+
+
+class ModelLoading(Exception):
+    """Raised in place of loading the weights: setup got that far."""
+
+
+def test_memory_budget_setup_on_a_simulated_80gb_card_reaches_model_loading(tmp_path, corpus, prompts, monkeypatch):
+    def load(config, model_ref, device):
+        raise ModelLoading(device)
+
+    config = tiny_run_config(tmp_path, corpus, prompts, device="cuda", memory_budget="15GiB")
+    fake_cuda = install_fake_cuda(monkeypatch)  # after the tiny model is written (it forks every device's RNG)
+    monkeypatch.setattr(finetune, "load_for_training", load)
+    with pytest.raises(ModelLoading) as loading:
+        run(config)
+    assert loading.value.args == (torch.device("cuda", 0),)
+    fraction = (15 * 2**30 - CUDA_CONTEXT_BYTES) / H100_TOTAL_BYTES
+    assert fake_cuda.named("set_per_process_memory_fraction") == [(0, (fraction,))]
+    assert not (tmp_path / "run").exists()

@@ -8,9 +8,13 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import AutoModelForCausalLM, GPT2Config
 
+from leanfit.kernels.launch import device_arch, device_sms
 from leanfit.train.lm_loss import causal_lm_loss
-from leanfit.train.memory.profiler import CUDA_KINDS, MemoryProfiler
+from leanfit.train.memory.profiler import CUDA_KINDS, MemoryProfiler, apply_memory_cap
 from leanfit.train.memory.tensor_counter import CPU_KINDS, TensorCounter
+from leanfit.train.recipe.preflight import check_dtype
+from leanfit.train.units import CUDA_CONTEXT_BYTES
+from tests.fake_cuda import H100_TOTAL_BYTES
 
 
 def tiny_setup(device):
@@ -108,3 +112,36 @@ def test_profiler_without_tensor_tracking_reports_rss():
     prof.close()
     peak = prof.report()["peak"]
     assert peak["bytes"] == sum(peak["breakdown"].values()) and peak["bytes"] > 0
+
+
+def test_memory_cap_on_a_simulated_80gb_card_sets_a_fraction_on_device_0(fake_cuda):
+    budget, context = 15 * 2**30, 512 * 2**20
+    assert apply_memory_cap(budget, "cuda", context_bytes=context) == (budget - context) / H100_TOTAL_BYTES
+    assert apply_memory_cap(budget, torch.device("cuda")) == (budget - CUDA_CONTEXT_BYTES) / H100_TOTAL_BYTES
+    assert fake_cuda.named("set_per_process_memory_fraction") == [
+        (0, ((budget - context) / H100_TOTAL_BYTES,)), (0, ((budget - CUDA_CONTEXT_BYTES) / H100_TOTAL_BYTES,))]
+    assert apply_memory_cap(H100_TOTAL_BYTES, "cuda") is None
+
+
+def test_the_simulated_card_refuses_an_index_less_device_as_torch_does(fake_cuda):
+    with pytest.raises(ValueError, match="Expected a torch.device with a specified index or an integer, but got:cuda"):
+        torch.cuda.set_per_process_memory_fraction(0.5, torch.device("cuda"))
+    with pytest.raises(ValueError, match="but got:cuda"):
+        torch.cuda.memory_allocated("cuda")
+    assert fake_cuda.calls == []
+
+
+def test_profiler_on_a_simulated_card_asks_device_0(fake_cuda):
+    model, opt, _ = tiny_setup("cpu")
+    prof = MemoryProfiler(model, opt, device="cuda")
+    assert prof.device == torch.device("cuda", 0) and prof.report()["phases"]["weights_loaded"]["peak_bytes"] == 0
+    assert {name for name, _, _ in fake_cuda.calls} == {"synchronize", "reset_peak_memory_stats", "memory_stats",
+                                                        "mem_get_info"}
+    assert {index for _, index, _ in fake_cuda.calls} == {0}
+
+
+def test_capability_checks_on_a_simulated_card_ask_device_0(fake_cuda):
+    check_dtype("bf16", torch.device("cuda"))
+    assert device_arch(torch.device("cuda")) == 90 and device_sms(torch.device("cuda")) == 132
+    assert [(name, index) for name, index, _ in fake_cuda.calls] == [
+        ("get_device_capability", 0), ("get_device_capability", 0), ("get_device_properties", 0)]

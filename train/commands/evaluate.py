@@ -6,9 +6,10 @@ from pathlib import Path
 from ..checkpointing.atomic import atomic_write_json, check_writable
 from ..config import TrainConfig
 from ..data import DEFAULT_CORPUS, make_blocks, read_corpus, split_blocks
+from ..devices import resolve_device
 from ..dtypes import torch_dtype
 from ..evaluation.evaluate import evaluate_model
-from ..evaluation.generate import check_prompt_lengths, resolve_device
+from ..evaluation.generate import check_prompt_lengths
 from ..evaluation.generate import read_prompt_entries as read_prompts
 from ..model.architectures import check_positions, load_config
 from ..model.loading import load_model, load_tokenizer, resolve_model

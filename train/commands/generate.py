@@ -3,13 +3,13 @@
 import json
 import sys
 
+from ..devices import resolve_device
 from ..evaluation.generate import (
     DEFAULT_PROMPTS,
     check_prompt_lengths,
     format_samples,
     generate_texts,
     read_prompts,
-    resolve_device,
 )
 from ..model.loading import load_model, load_tokenizer
 from .cache import CACHE_HELP

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["DEFAULT_PROMPTS", "read_prompts", "read_prompt_entries", "check_prompt_lengths", "generate_texts",
-           "format_samples", "resolve_device"]
+           "format_samples"]
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.txt"
 
@@ -115,20 +115,6 @@ def generate_texts(model, tokenizer, prompts, max_length=30, num_return_sequence
     finally:
         model.train(was_training)
     return results
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here (expected cpu or auto)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}")
-    return device
 
 
 def format_samples(prompts, results) -> str:

@@ -9,20 +9,14 @@ from dataclasses import replace
 import torch
 
 from .. import config as cfg
+from ..devices import device_kind, indexed_device
 from ..gpus import GPUS
 from ..model.architectures import check_positions, load_config
 from ..units import format_bytes, parse_bytes
 from .budget import NothingFits, choose_for_train_config, train_config_changes
 from .estimate import StepConfig, estimate_step
 
-__all__ = ["device_kind", "step_config", "plan_memory", "oom_advice"]
-
-
-def device_kind(name: str) -> str:
-    """"cuda" or "cpu" for a --device value; "auto" is what this machine has."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if name.startswith("cuda") else "cpu"
+__all__ = ["step_config", "plan_memory", "oom_advice"]
 
 
 def step_config(config: cfg.TrainConfig, kind: str, world_size: int = 1) -> StepConfig:
@@ -78,7 +72,7 @@ def oom_advice(config: cfg.TrainConfig, device: torch.device) -> str | None:
     if config.memory_budget:
         budget = parse_bytes(config.memory_budget)
     elif device.type == "cuda":
-        budget = torch.cuda.get_device_properties(device).total_memory
+        budget = torch.cuda.get_device_properties(indexed_device(device)).total_memory
     else:
         return None
     try:

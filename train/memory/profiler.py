@@ -30,6 +30,7 @@ import sys
 import torch
 
 from ..checkpointing.atomic import atomic_path, atomic_write_json
+from ..devices import indexed_device
 from ..units import CUDA_CONTEXT_BYTES, format_bytes
 from .tensor_counter import TensorCounter, local_shard
 
@@ -77,7 +78,7 @@ class MemoryProfiler:
     def __init__(self, model, optimizer=None, device=None, out_dir=None, snapshot=False, track_tensors=True,
                  module_depth=3):
         self.model, self.optimizer, self.out_dir = model, optimizer, out_dir
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = indexed_device(device if device is not None else next(model.parameters()).device)
         self.cuda = self.device.type == "cuda"
         self.snapshot = snapshot and self.cuda
         self.steps, self.phase_peaks, self._current = [], {}, None
@@ -314,7 +315,7 @@ def apply_memory_cap(budget_bytes, device, context_bytes=None):
     `units.CUDA_CONTEXT_BYTES`), via `torch.cuda.set_per_process_memory_fraction`. Returns the fraction
     set, or None when the card is not larger than the budget (nothing to cap) or the device is not CUDA.
     """
-    device = torch.device(device)
+    device = indexed_device(device)
     if device.type != "cuda":
         return None
     total = torch.cuda.get_device_properties(device).total_memory

@@ -31,6 +31,7 @@ import torch
 from .. import config as cfg
 from ..checkpointing.checkpoint import load_unit
 from ..data import BlockLoader, make_blocks, split_blocks
+from ..devices import indexed_device
 from ..dtypes import torch_dtype
 from ..memory.planning import oom_advice, plan_memory
 from ..memory.profiler import MemoryProfiler, apply_memory_cap, rss_peak_bytes
@@ -76,7 +77,7 @@ def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = No
 
     `checked` is what `preflight.preflight(config)` found. Nothing is written here.
     """
-    device, par = checked.device, checked.parallel
+    device, par = indexed_device(checked.device), checked.parallel
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if config.memory_budget and device.type == "cuda":

@@ -17,7 +17,8 @@ from .. import config as cfg
 from ..checkpointing.atomic import check_writable
 from ..checkpointing.checkpoint import UNITS, clean_stale, remove_unit_outputs
 from ..data import DEFAULT_CORPUS, read_corpus
-from ..evaluation.generate import DEFAULT_PROMPTS, check_prompt_lengths, read_prompts, resolve_device
+from ..devices import indexed_device, resolve_device
+from ..evaluation.generate import DEFAULT_PROMPTS, check_prompt_lengths, read_prompts
 from ..gpus import check_properties
 from ..model.architectures import check_positions, load_config
 from ..model.loading import load_tokenizer, resolve_model
@@ -46,7 +47,7 @@ class Checked:
 
 def check_dtype(dtype: str, device: torch.device):
     if dtype == "bf16" and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
+        major, minor = torch.cuda.get_device_capability(indexed_device(device))
         if major < 8:
             raise ValueError(f"--dtype bf16 needs a GPU of compute capability >= 8.0, this one is {major}.{minor} "
                              f"(expected --dtype fp16 or fp32)")
@@ -57,7 +58,7 @@ def check_gpu(gpu: str, device: torch.device):
     if device.type != "cuda":
         raise ValueError(f"--gpu {gpu}: expected to run on that CUDA card, found device {device} "
                          f"(--dry-run plans without it)")
-    check_properties(gpu, torch.cuda.get_device_properties(device))
+    check_properties(gpu, torch.cuda.get_device_properties(indexed_device(device)))
 
 
 def _check_loss(loss: str, device: torch.device):
