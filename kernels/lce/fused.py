@@ -74,6 +74,14 @@ def _lce_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, tiles_per_split, so
                     V: tl.constexpr, H: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
                     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):
+    """Forward partials of the loss (L1): LCE.md "Math" and "Triton path" (online log-sum-exp (L5)).
+
+    Grid `(cdiv(N, BN), S)`: axis 0 indexes blocks of `BN` rows, axis 1 the vocabulary split (the j-th run of
+    `tiles_per_split` `BV`-wide tiles). Tile: each program owns `BN` rows and its run of vocabulary tiles;
+    each `(BN, BV)` logits tile is `tl.dot`s over `H` in `BH` steps, in registers only. Writes the partials
+    `(m, s, z_target, z_sum)` of its rows and split to `part_ptr` (4, S, N); the host merges them (L6).
+    """
+    # 1. this program's rows, split and targets; empty running max / sum
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     split = tl.program_id(1)
     rmask = rows < N
@@ -85,14 +93,17 @@ def _lce_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, tiles_per_split, so
     for t in range(tiles_per_split):
         cols = (split * tiles_per_split + t) * BV + tl.arange(0, BV)
         cmask = cols < V
+        # 2. the (BN, BV) logits tile z = softcap(h W^T + b)
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, softcap,
                          HAS_BIAS, HAS_SOFTCAP, PREC, EMU_BF16, BN, BV, BH)
+        # 3. target logit and logit sum (for label smoothing), then the online max / rescaled sum (L5)
         z_t += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         z_sum += tl.sum(tl.where(cmask[None, :], z, 0.0), axis=1)
         z = tl.where(cmask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
+    # 4. write the four partials of this row block and split
     out = part_ptr + split * N + rows
     stride = tl.num_programs(1) * N
     tl.store(out, m, mask=rmask)
@@ -107,22 +118,32 @@ def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, gscale_ptr, dh_ptr, dw_
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_DH: tl.constexpr,
                     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, FILTER: tl.constexpr, PREC: tl.constexpr,
                     EMU_BF16: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):
+    """Gradients (L2)-(L4) of one logits tile: LCE.md "Math" and "Triton path" (as in Cut Cross-Entropy).
+
+    Grid `(cdiv(N, BN), cdiv(V, BV))`: axis 0 indexes blocks of `BN` rows, axis 1 blocks of `BV` vocabulary
+    columns. Tile: each program owns one `(BN, BV)` logits tile, recomputed with `tl.dot`s over `H` in `BH`
+    steps, and adds its share of `dh` (BN, H), `dW` (BV, H) and `db` (BV) with atomics, in `BH`-wide chunks.
+    """
+    # 1. recompute this program's logits tile
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cols = tl.program_id(1) * BV + tl.arange(0, BV)
     rmask = rows < N
     cmask = cols < V
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, softcap,
                      HAS_BIAS, HAS_SOFTCAP, PREC, EMU_BF16, BN, BV, BH)
+    # 2. dloss/dz (L2) from the saved lse; ignored rows (gscale 0) and padding columns give 0
     y = tl.load(y_ptr + rows, mask=rmask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     gs = tl.load(gscale_ptr + rows, mask=rmask, other=0.0)
     g = tl.exp(z - lse[:, None]) - eps / V
     g = tl.where(cols[None, :] == y[:, None], g - (1.0 - eps), g)
     g = tl.where(cmask[None, :] & (gs != 0.0)[:, None], g, 0.0)
+    # 3. gradient filtering: skip the tile when every |dloss/dz| is below filter_eps
     keep = True
     if FILTER:
         keep = tl.max(tl.max(tl.abs(g), axis=1), axis=0) >= filter_eps
     if keep:
+        # 4. dloss/dy = dloss/dz * dz/dy (L3), times the upstream scale; db (L4)
         if HAS_SOFTCAP:
             zc = z / softcap
             g = g * (1.0 - zc * zc)
@@ -133,6 +154,7 @@ def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, gscale_ptr, dh_ptr, dw_
             gd = _round_bf16(g).to(tl.float32)
         else:
             gd = g.to(h_ptr.dtype.element_ty)
+        # 5. per BH chunk of H: dh += g W and dW += g^T h (L4), by atomics
         for k0 in range(0, H, BH):
             ks = k0 + tl.arange(0, BH)
             kmask = ks < H

@@ -17,30 +17,7 @@ dtypes, sm_90 fp32), while both forms compile with triton 3.6.
 import triton
 import triton.language as tl
 
-from ..interpreter import device_fn
-from .fwd import _cell, _dot, _gate_tile, _tanh
-
-
-@device_fn
-def _gate_grads(dh, dc, i, f, g, o, c_prev, c, live):
-    """Gate pre-activation gradients and the `dc` passed to step t-1 (all fp32)."""
-    tc = _tanh(c)
-    dc = dc + dh * o * (1.0 - tc * tc)
-    da_i = tl.where(live, dc * g * i * (1.0 - i), 0.0)
-    da_f = tl.where(live, dc * c_prev * f * (1.0 - f), 0.0)
-    da_g = tl.where(live, dc * i * (1.0 - g * g), 0.0)
-    da_o = tl.where(live, dh * tc * o * (1.0 - o), 0.0)
-    return da_i, da_f, da_g, da_o, dc * f
-
-
-@device_fn
-def _load_gates(g_ptr, rows, cols, mask, H):
-    gp = g_ptr + rows[:, None] * 4 * H + cols[None, :]
-    i = tl.load(gp, mask=mask, other=0.0)
-    f = tl.load(gp + H, mask=mask, other=0.0)
-    g = tl.load(gp + 2 * H, mask=mask, other=0.0)
-    o = tl.load(gp + 3 * H, mask=mask, other=0.0)
-    return i, f, g, o
+from .cell import cell, dot, gate_grads, gate_tile, load_gates
 
 
 @triton.jit
@@ -61,6 +38,13 @@ def _lstm_bwd_onchip_kernel(
     RECOMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    """Backward recurrence, all of `W_hh` on chip: README.md "Backward" (B1)-(B7) for t = T-1 .. 0.
+
+    Grid `(cdiv(B, BLOCK_B),)`: program 0 axis indexes blocks of `BLOCK_B` batch rows. Tile: each program owns
+    its rows and all `H` units (`BLOCK_H = next_pow2(H)`), holds the four `(BLOCK_H, BLOCK_H)` blocks of `W_hh`
+    and the carried `(dh, dc)` in registers. Writes `dgates_t` (the `da` of (B2)-(B5)), `dh_0` and `dc_0`.
+    """
+    # 1. this program's rows, all H units; load the four W_hh blocks once
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
     rmask = rows < B
@@ -72,6 +56,7 @@ def _lstm_bwd_onchip_kernel(
     w_f = tl.load(w + H * H, mask=wmask, other=0.0)
     w_g = tl.load(w + 2 * H * H, mask=wmask, other=0.0)
     w_o = tl.load(w + 3 * H * H, mask=wmask, other=0.0)
+    # 2. row lengths and the carried gradients (dh_n, dc_n); point every buffer at step T-1
     n_len = tl.load(len_ptr + rows, mask=rmask, other=0)
     state = rows[:, None] * H + cols[None, :]
     gate = rows[:, None] * 4 * H + cols[None, :]
@@ -88,6 +73,7 @@ def _lstm_bwd_onchip_kernel(
         live = (t < n_len)[:, None]
         c_prev = tl.load(c_ptr + state, mask=mask, other=0.0)
         c = tl.load(c_ptr + B * H + state, mask=mask, other=0.0)
+        # 3. the gates at t: loaded from the forward's buffer, or recomputed (F2)-(F3) from xW[t], h_{t-1}
         if RECOMPUTE:
             hd = tl.load(h_ptr + state, mask=mask, other=0.0)
             xw = xw_ptr + gate
@@ -95,15 +81,16 @@ def _lstm_bwd_onchip_kernel(
             a_f = tl.load(xw + H, mask=mask, other=0.0).to(tl.float32)
             a_g = tl.load(xw + 2 * H, mask=mask, other=0.0).to(tl.float32)
             a_o = tl.load(xw + 3 * H, mask=mask, other=0.0).to(tl.float32)
-            a_i += _dot(hd, tl.trans(w_i), DOT_F32, PRECISION)
-            a_f += _dot(hd, tl.trans(w_f), DOT_F32, PRECISION)
-            a_g += _dot(hd, tl.trans(w_g), DOT_F32, PRECISION)
-            a_o += _dot(hd, tl.trans(w_o), DOT_F32, PRECISION)
-            i, f, g, o, _, _ = _cell(a_i, a_f, a_g, a_o, c_prev)
+            a_i += dot(hd, tl.trans(w_i), DOT_F32, PRECISION)
+            a_f += dot(hd, tl.trans(w_f), DOT_F32, PRECISION)
+            a_g += dot(hd, tl.trans(w_g), DOT_F32, PRECISION)
+            a_o += dot(hd, tl.trans(w_o), DOT_F32, PRECISION)
+            i, f, g, o, _, _ = cell(a_i, a_f, a_g, a_o, c_prev)
         else:
-            i, f, g, o = _load_gates(g_ptr, rows, cols, mask, H)
+            i, f, g, o = load_gates(g_ptr, rows, cols, mask, H)
+        # 4. dh_t = carried + dout[t]; gate gradients (B1)-(B6), zero for dead rows; store dgates_t
         dht = dh + tl.where(live, tl.load(dout_ptr + state, mask=mask, other=0.0).to(tl.float32), 0.0)
-        da_i, da_f, da_g, da_o, dc_prev = _gate_grads(dht, dc, i, f, g, o, c_prev, c, live)
+        da_i, da_f, da_g, da_o, dc_prev = gate_grads(dht, dc, i, f, g, o, c_prev, c, live)
         dty = dg_ptr.dtype.element_ty
         da_i, da_f, da_g, da_o = da_i.to(dty), da_f.to(dty), da_g.to(dty), da_o.to(dty)
         dgp = dg_ptr + gate
@@ -111,11 +98,12 @@ def _lstm_bwd_onchip_kernel(
         tl.store(dgp + H, da_f, mask=mask)
         tl.store(dgp + 2 * H, da_g, mask=mask)
         tl.store(dgp + 3 * H, da_o, mask=mask)
+        # 5. dh_{t-1} = sum_k da_k W_k (B7); dead rows (da = 0) pass dh and dc through
         dh = tl.where(live, 0.0, dh)
-        dh += _dot(da_i.to(w_i.dtype), w_i, DOT_F32, PRECISION)
-        dh += _dot(da_f.to(w_i.dtype), w_f, DOT_F32, PRECISION)
-        dh += _dot(da_g.to(w_i.dtype), w_g, DOT_F32, PRECISION)
-        dh += _dot(da_o.to(w_i.dtype), w_o, DOT_F32, PRECISION)
+        dh += dot(da_i.to(w_i.dtype), w_i, DOT_F32, PRECISION)
+        dh += dot(da_f.to(w_i.dtype), w_f, DOT_F32, PRECISION)
+        dh += dot(da_g.to(w_i.dtype), w_g, DOT_F32, PRECISION)
+        dh += dot(da_o.to(w_i.dtype), w_o, DOT_F32, PRECISION)
         dc = tl.where(live, dc_prev, dc)
         xw_ptr -= B * 4 * H
         g_ptr -= B * 4 * H
@@ -123,6 +111,7 @@ def _lstm_bwd_onchip_kernel(
         dout_ptr -= B * H
         h_ptr -= B * H
         c_ptr -= B * H
+    # 6. dh_0, dc_0
     tl.store(dh0_ptr + state, dh, mask=mask)
     tl.store(dc0_ptr + state, dc, mask=mask)
 
@@ -144,6 +133,13 @@ def _lstm_bwd_tiled_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    """Backward recurrence, `W_hh` streamed from L2 every step: README.md "Backward" (B1)-(B7).
+
+    Grid `(cdiv(B, BLOCK_B),)`: program 0 axis indexes blocks of `BLOCK_B` batch rows. Tile: each program owns
+    its rows and all `H` units, visited in `BLOCK_N`-wide column blocks, with the products over `H` in
+    `BLOCK_K` steps. The carried `(dh, dc)` live in `dh_ptr`, `dc_ptr` (global memory, this program's rows).
+    """
+    # 1. this program's rows and their lengths; point every buffer at step T-1
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     n_len = tl.load(len_ptr + rows, mask=rmask, other=0)
@@ -155,6 +151,8 @@ def _lstm_bwd_tiled_kernel(
     c_ptr += (T - 1) * B * H
     for s in range(T):
         live = (T - 1 - s < n_len)[:, None]
+        # 2. per BLOCK_N column block: the gates (loaded, or recomputed with (F2)-(F3)), gate gradients
+        #    (B1)-(B6) from dh_t = carried + dout[t]; store dgates_t and dc_{t-1}
         for j0 in range(0, H, BLOCK_N):
             cols = j0 + tl.arange(0, BLOCK_N)
             cmask = cols < H
@@ -163,16 +161,16 @@ def _lstm_bwd_tiled_kernel(
             c_prev = tl.load(c_ptr + state, mask=mask, other=0.0)
             c = tl.load(c_ptr + B * H + state, mask=mask, other=0.0)
             if RECOMPUTE:
-                a_i, a_f, a_g, a_o = _gate_tile(
+                a_i, a_f, a_g, a_o = gate_tile(
                     xw_ptr, h_ptr, w_ptr, rows, rmask, cols, cmask, H, BLOCK_K, PRECISION, DOT_F32
                 )
-                i, f, g, o, _, _ = _cell(a_i, a_f, a_g, a_o, c_prev)
+                i, f, g, o, _, _ = cell(a_i, a_f, a_g, a_o, c_prev)
             else:
-                i, f, g, o = _load_gates(g_ptr, rows, cols, mask, H)
+                i, f, g, o = load_gates(g_ptr, rows, cols, mask, H)
             dout = tl.load(dout_ptr + state, mask=mask, other=0.0).to(tl.float32)
             dht = tl.load(dh_ptr + state, mask=mask, other=0.0) + tl.where(live, dout, 0.0)
             dc = tl.load(dc_ptr + state, mask=mask, other=0.0)
-            da_i, da_f, da_g, da_o, dc_prev = _gate_grads(dht, dc, i, f, g, o, c_prev, c, live)
+            da_i, da_f, da_g, da_o, dc_prev = gate_grads(dht, dc, i, f, g, o, c_prev, c, live)
             dgp = dg_ptr + rows[:, None] * 4 * H + cols[None, :]
             dty = dg_ptr.dtype.element_ty
             tl.store(dgp, da_i.to(dty), mask=mask)
@@ -180,7 +178,9 @@ def _lstm_bwd_tiled_kernel(
             tl.store(dgp + 2 * H, da_g.to(dty), mask=mask)
             tl.store(dgp + 3 * H, da_o.to(dty), mask=mask)
             tl.store(dc_ptr + state, tl.where(live, dc_prev, dc), mask=mask)
+        # 3. block barrier: all of dgates_t is written before it is read back
         tl.debug_barrier()
+        # 4. dh_{t-1} = dgates_t W_hh (B7) per BLOCK_N column block, summed over K and the four gates
         for n0 in range(0, H, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < H
@@ -195,8 +195,9 @@ def _lstm_bwd_tiled_kernel(
                 wmask = kmask[:, None] & cmask[None, :]
                 for q in tl.static_range(4):
                     da = tl.load(dgp + q * H, mask=dmask, other=0.0).to(w_ptr.dtype.element_ty)
-                    acc += _dot(da, tl.load(wp + q * H * H, mask=wmask, other=0.0), DOT_F32, PRECISION)
+                    acc += dot(da, tl.load(wp + q * H * H, mask=wmask, other=0.0), DOT_F32, PRECISION)
             state = rows[:, None] * H + cols[None, :]
+            # 5. dead rows keep the dh they carry
             dh_old = tl.load(dh_ptr + state, mask=mask, other=0.0)
             tl.store(dh_ptr + state, tl.where(live, acc, dh_old), mask=mask)
         xw_ptr -= B * 4 * H

@@ -12,81 +12,16 @@ communication between programs. Two widths:
 Buffers shared with the backward: `h_ptr` and `c_ptr` are `(T+1, B, H)` with the
 initial state at index 0 and the state after step `t` at `t+1`. Rows whose sequence
 has ended write `h = 0` and carry `c` forward unchanged; `hn_ptr` receives each row's
-last valid `h`. The `_cell`, `_tanh` and `_gate_tile` helpers are reused by the
-backward. `_dot` with `DOT_F32` multiplies in fp32: the launcher sets it for bf16 under
-the interpreter, whose `tl.dot` mishandles bf16 (it multiplies the raw 16-bit patterns).
+last valid `h`. The cell math (`cell`, `gate_tile`, `store_gates`, `dot`) is in `cell.py`,
+shared with the backward and the persistent kernels. `dot` with `DOT_F32` multiplies in fp32:
+the launcher sets it for bf16 under the interpreter, whose `tl.dot` mishandles bf16 (it
+multiplies the raw 16-bit patterns).
 """
 
 import triton
 import triton.language as tl
 
-from ..interpreter import device_fn
-
-
-@device_fn
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@device_fn
-def _tanh(x):
-    return 2.0 * _sigmoid(2.0 * x) - 1.0
-
-
-@device_fn
-def _dot(a, b, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    if DOT_F32:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-    else:
-        out = tl.dot(a, b, input_precision=PRECISION)
-    return out
-
-
-@device_fn
-def _cell(a_i, a_f, a_g, a_o, c_prev):
-    i = _sigmoid(a_i)
-    f = _sigmoid(a_f)
-    g = _tanh(a_g)
-    o = _sigmoid(a_o)
-    c = f * c_prev + i * g
-    return i, f, g, o, c, o * _tanh(c)
-
-
-@device_fn
-def _gate_tile(
-    xw_ptr,  # (B, 4H) at step t
-    h_ptr,  # (B, H) h_{t-1}
-    w_ptr,  # (4H, H)
-    rows, rmask, cols, cmask, H,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-):
-    """Pre-activations `xw[t] + h_{t-1} W_hh^T` of the four gates for columns `cols`, in fp32."""
-    mask = rmask[:, None] & cmask[None, :]
-    xw = xw_ptr + rows[:, None] * 4 * H + cols[None, :]
-    a_i = tl.load(xw, mask=mask, other=0.0).to(tl.float32)
-    a_f = tl.load(xw + H, mask=mask, other=0.0).to(tl.float32)
-    a_g = tl.load(xw + 2 * H, mask=mask, other=0.0).to(tl.float32)
-    a_o = tl.load(xw + 3 * H, mask=mask, other=0.0).to(tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < H
-        hk = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wt = w_ptr + cols[None, :] * H + ks[:, None]
-        wmask = kmask[:, None] & cmask[None, :]
-        a_i += _dot(hk, tl.load(wt, mask=wmask, other=0.0), DOT_F32, PRECISION)
-        a_f += _dot(hk, tl.load(wt + H * H, mask=wmask, other=0.0), DOT_F32, PRECISION)
-        a_g += _dot(hk, tl.load(wt + 2 * H * H, mask=wmask, other=0.0), DOT_F32, PRECISION)
-        a_o += _dot(hk, tl.load(wt + 3 * H * H, mask=wmask, other=0.0), DOT_F32, PRECISION)
-    return a_i, a_f, a_g, a_o
-
-
-@device_fn
-def _store_gates(g_ptr, rows, cols, mask, H, i, f, g, o):
-    gp = g_ptr + rows[:, None] * 4 * H + cols[None, :]
-    tl.store(gp, i, mask=mask)
-    tl.store(gp + H, f, mask=mask)
-    tl.store(gp + 2 * H, g, mask=mask)
-    tl.store(gp + 3 * H, o, mask=mask)
+from .cell import cell, dot, gate_tile, store_gates
 
 
 @triton.jit
@@ -102,6 +37,13 @@ def _lstm_fwd_onchip_kernel(
     STORE_GATES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    """Forward recurrence, all of `W_hh` on chip: README.md "Forward" (F2)-(F5) for t = 0 .. T-1.
+
+    Grid `(cdiv(B, BLOCK_B),)`: program 0 axis indexes blocks of `BLOCK_B` batch rows. Tile: each program owns
+    its rows and all `H` units (`BLOCK_H = next_pow2(H)` columns), holds the four `(BLOCK_H, BLOCK_H)` blocks
+    of `W_hh^T` and the state `(h, c)` in registers for the whole sequence.
+    """
+    # 1. this program's rows, all H units; load the four W_hh^T blocks once
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
     rmask = rows < B
@@ -113,21 +55,24 @@ def _lstm_fwd_onchip_kernel(
     w_f = tl.load(wt + H * H, mask=wmask, other=0.0)
     w_g = tl.load(wt + 2 * H * H, mask=wmask, other=0.0)
     w_o = tl.load(wt + 3 * H * H, mask=wmask, other=0.0)
+    # 2. row lengths and the initial state (h0, c0), kept in registers
     n_len = tl.load(len_ptr + rows, mask=rmask, other=0)
     state = rows[:, None] * H + cols[None, :]
     gate = rows[:, None] * 4 * H + cols[None, :]
     h = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + state, mask=mask, other=0.0)
     for t in range(T):
+        # 3. pre-activations a_t = xW[t] + h_{t-1} W_hh^T (F2), then the cell update (F3)-(F5)
         xw = xw_ptr + gate
         hd = h.to(w_i.dtype)
-        a_i = tl.load(xw, mask=mask, other=0.0).to(tl.float32) + _dot(hd, w_i, DOT_F32, PRECISION)
-        a_f = tl.load(xw + H, mask=mask, other=0.0).to(tl.float32) + _dot(hd, w_f, DOT_F32, PRECISION)
-        a_g = tl.load(xw + 2 * H, mask=mask, other=0.0).to(tl.float32) + _dot(hd, w_g, DOT_F32, PRECISION)
-        a_o = tl.load(xw + 3 * H, mask=mask, other=0.0).to(tl.float32) + _dot(hd, w_o, DOT_F32, PRECISION)
-        i, f, g, o, c_new, h_new = _cell(a_i, a_f, a_g, a_o, c)
+        a_i = tl.load(xw, mask=mask, other=0.0).to(tl.float32) + dot(hd, w_i, DOT_F32, PRECISION)
+        a_f = tl.load(xw + H, mask=mask, other=0.0).to(tl.float32) + dot(hd, w_f, DOT_F32, PRECISION)
+        a_g = tl.load(xw + 2 * H, mask=mask, other=0.0).to(tl.float32) + dot(hd, w_g, DOT_F32, PRECISION)
+        a_o = tl.load(xw + 3 * H, mask=mask, other=0.0).to(tl.float32) + dot(hd, w_o, DOT_F32, PRECISION)
+        i, f, g, o, c_new, h_new = cell(a_i, a_f, a_g, a_o, c)
         if STORE_GATES:
-            _store_gates(g_ptr, rows, cols, mask, H, i, f, g, o)
+            store_gates(g_ptr, rows, cols, mask, H, i, f, g, o)
+        # 4. dead rows (t >= length) keep their state and write h = 0; write h_t, c_t at [t+1]
         live = (t < n_len)[:, None]
         c = tl.where(live, c_new, c)
         h = tl.where(live, h_new, h)
@@ -137,6 +82,7 @@ def _lstm_fwd_onchip_kernel(
         g_ptr += B * 4 * H
         h_ptr += B * H
         c_ptr += B * H
+    # 5. h_n: each row's last valid h
     tl.store(hn_ptr + state, h.to(hn_ptr.dtype.element_ty), mask=mask)
 
 
@@ -154,23 +100,32 @@ def _lstm_fwd_tiled_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    """Forward recurrence, `W_hh` streamed from L2 every step: README.md "Forward" (F2)-(F5).
+
+    Grid `(cdiv(B, BLOCK_B),)`: program 0 axis indexes blocks of `BLOCK_B` batch rows. Tile: each program owns
+    its rows and all `H` units, visited in `BLOCK_N`-wide column blocks; (F2) sums over `H` in `BLOCK_K` steps
+    (`cell.gate_tile`). `h_{t-1}` is read back from `h_ptr[t]`, written by this program one step earlier.
+    """
+    # 1. this program's rows and their lengths
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     n_len = tl.load(len_ptr + rows, mask=rmask, other=0)
     for t in range(T):
         live = (t < n_len)[:, None]
+        # 2. per BLOCK_N column block: a_t (F2) streamed over K, the cell update (F3)-(F5)
         for n0 in range(0, H, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < H
             mask = rmask[:, None] & cmask[None, :]
             state = rows[:, None] * H + cols[None, :]
-            a_i, a_f, a_g, a_o = _gate_tile(
+            a_i, a_f, a_g, a_o = gate_tile(
                 xw_ptr, h_ptr, w_ptr, rows, rmask, cols, cmask, H, BLOCK_K, PRECISION, DOT_F32
             )
             c_prev = tl.load(c_ptr + state, mask=mask, other=0.0)
-            i, f, g, o, c_new, h_new = _cell(a_i, a_f, a_g, a_o, c_prev)
+            i, f, g, o, c_new, h_new = cell(a_i, a_f, a_g, a_o, c_prev)
             if STORE_GATES:
-                _store_gates(g_ptr, rows, cols, mask, H, i, f, g, o)
+                store_gates(g_ptr, rows, cols, mask, H, i, f, g, o)
+            # 3. write h_t (0 for dead rows), c_t (carried for dead rows) and h_n where live
             tl.store(h_ptr + B * H + state, tl.where(live, h_new, 0.0).to(h_ptr.dtype.element_ty), mask=mask)
             tl.store(c_ptr + B * H + state, tl.where(live, c_new, c_prev), mask=mask)
             tl.store(hn_ptr + state, h_new.to(hn_ptr.dtype.element_ty), mask=mask & live)
@@ -178,4 +133,5 @@ def _lstm_fwd_tiled_kernel(
         g_ptr += B * 4 * H
         h_ptr += B * H
         c_ptr += B * H
+        # 4. block barrier: the next step reads the h_t this program just wrote
         tl.debug_barrier()

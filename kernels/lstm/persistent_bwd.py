@@ -24,10 +24,8 @@ import triton
 import triton.language as tl
 
 from ..interpreter import device_fn
-from .bwd import _gate_grads, _load_gates
-from .fwd import _dot, _sigmoid, _tanh
+from .cell import dot, gate_columns, gate_grads, load_gates, sigmoid, split_gates, tanh
 from .grid_barrier import grid_arrive, grid_timed_out, grid_wait
-from .persistent_fwd import gate_columns, split_gates
 
 
 @device_fn
@@ -48,9 +46,9 @@ def _recompute_gates(
         hk = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=(row_ok & step)[:, None] & k_ok[None, :],
                      other=0.0)
         wk = tl.load(w_ptr + cols[None, :] * H + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        a += _dot(hk, wk, DOT_F32, PRECISION)
+        a += dot(hk, wk, DOT_F32, PRECISION)
     is_g = (tl.arange(0, 4 * BLOCK_J) % 4 == 2)[None, :]
-    return split_gates(tl.where(is_g, _tanh(a), _sigmoid(a)), BLOCK_J)
+    return split_gates(tl.where(is_g, tanh(a), sigmoid(a)), BLOCK_J)
 
 
 @device_fn
@@ -82,6 +80,15 @@ def _lstm_bwd_persistent_kernel(
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
     RECOMPUTE_K: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    """Persistent backward, stages `s_first .. s_first + n_stages - 1` (stage `s` is time `t = T-1-s`, down to
+    `t = -1`): README.md "Backward" (B1)-(B7) and "The persistent variant".
+
+    Grid `(cdiv(H, BLOCK_J),)`, at most one program per SM: program 0 axis indexes blocks of `BLOCK_J` hidden
+    units. Tile: each program owns units `J_p` for all `B` rows, visited in `BLOCK_B`-row blocks, and keeps
+    `W_hh[:, J_p]` on chip as four `(SPLIT_K, BLOCK_K, BLOCK_J)` tensors; with `RECOMPUTE` it streams
+    `W_hh[gates(J_p), :]` in `RECOMPUTE_K` steps. Steps 1-4 below are those of the module docstring.
+    """
+    # 0. load this program's columns W_hh[:, J_p] once, one tensor per gate
     n_prog = tl.num_programs(0)
     units = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     unit_ok = units < H
@@ -109,6 +116,7 @@ def _lstm_bwd_persistent_kernel(
                 smask = umask & step
                 state = rows[:, None] * H + units[None, :]
                 state4 = rows[:, None] * 4 * H + units[None, :]
+                # 1. carried (dh, dc) from the ring, the forward's c_{t-1}, c_t, dout[t] (and gates), before the wait
                 dh = tl.load(dh_ptr + ring_in + state, mask=umask, other=0.0)
                 dc = tl.load(dc_ptr + ring_in + state, mask=umask, other=0.0)
                 c_prev = tl.load(c_ptr + t64 * B * H + state, mask=smask, other=0.0)
@@ -116,32 +124,37 @@ def _lstm_bwd_persistent_kernel(
                 dout = tl.load(dout_ptr + t64 * B * H + state, mask=smask, other=0.0).to(tl.float32)
                 live = (t < tl.load(len_ptr + rows, mask=row_ok, other=0))[:, None] & step
                 if not RECOMPUTE:
-                    i, f, g, o = _load_gates(g_ptr + t64 * B * 4 * H, rows, units, smask, H)
+                    i, f, g, o = load_gates(g_ptr + t64 * B * 4 * H, rows, units, smask, H)
+                # 2. wait until every program has published dgates_{t+1}
                 if BARRIER:
                     if (s > 0) & (b0 == 0):
                         ok = grid_wait(sync_ptr, n_prog * s, SPIN_LIMIT)
                 if ok:
+                    # 3. dh_t[:, J_p] = carried + dgates_{t+1} W_hh[:, J_p] (B7), one gate's rows at a time from L2
                     dg_t = dg_ptr + (t64 + 1) * B * 4 * H + rows[None, :, None] * 4 * H + k_dg
                     dg_mask = row_ok[None, :, None] & (k_dg < H)
                     da = tl.load(dg_t, mask=dg_mask, other=0.0, cache_modifier=".cg")
-                    part = _dot(da, w_i, DOT_F32, PRECISION)
+                    part = dot(da, w_i, DOT_F32, PRECISION)
                     da = tl.load(dg_t + H, mask=dg_mask, other=0.0, cache_modifier=".cg")
-                    part += _dot(da, w_f, DOT_F32, PRECISION)
+                    part += dot(da, w_f, DOT_F32, PRECISION)
                     da = tl.load(dg_t + 2 * H, mask=dg_mask, other=0.0, cache_modifier=".cg")
-                    part += _dot(da, w_g, DOT_F32, PRECISION)
+                    part += dot(da, w_g, DOT_F32, PRECISION)
                     da = tl.load(dg_t + 3 * H, mask=dg_mask, other=0.0, cache_modifier=".cg")
-                    part += _dot(da, w_o, DOT_F32, PRECISION)
+                    part += dot(da, w_o, DOT_F32, PRECISION)
                     dh += tl.sum(part, axis=0)
+                    # 4. the gates (recomputed: (F2)-(F3)), gate gradients (B1)-(B6); publish dgates_t[:, J_p],
+                    #    carry dh (0 where live) and dc_{t-1}; the stage for t = -1 writes dh_0, dc_0
                     if RECOMPUTE:
                         i, f, g, o = _recompute_gates(xw_ptr + t64 * B * 4 * H, h_ptr + t64 * B * H, w_ptr, rows,
                                                       row_ok, step, H, BLOCK_J, RECOMPUTE_K, PRECISION, DOT_F32)
                     dht = dh + tl.where(live, dout, 0.0)
-                    da_i, da_f, da_g, da_o, dc_prev = _gate_grads(dht, dc, i, f, g, o, c_prev, c, live)
+                    da_i, da_f, da_g, da_o, dc_prev = gate_grads(dht, dc, i, f, g, o, c_prev, c, live)
                     _publish(dg_ptr + t64 * B * 4 * H, state4, smask, H, da_i, da_f, da_g, da_o)
                     tl.store(dh_ptr + ring_out + state, tl.where(live, 0.0, dht), mask=umask)
                     tl.store(dc_ptr + ring_out + state, tl.where(live, dc_prev, dc), mask=umask)
                     tl.store(dh0_ptr + state, dh, mask=umask & ~step)
                     tl.store(dc0_ptr + state, dc, mask=umask & ~step)
+            # 5. arrive: this program's dgates_t is published
             if BARRIER:
                 if ok:
                     grid_arrive(sync_ptr)

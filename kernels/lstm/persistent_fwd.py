@@ -26,27 +26,8 @@ the first incomplete stage rewrites the same values.
 import triton
 import triton.language as tl
 
-from ..interpreter import device_fn
-from .fwd import _dot, _sigmoid, _tanh
+from .cell import dot, gate_columns, sigmoid, split_gates, tanh
 from .grid_barrier import grid_arrive, grid_timed_out, grid_wait
-
-
-@device_fn
-def split_gates(x, BLOCK_J: tl.constexpr):
-    """(BLOCK_B, 4J) unit-major gate columns -> the four (BLOCK_B, J) gates i, f, g, o."""
-    x = tl.reshape(x, (x.shape[0], BLOCK_J, 2, 2))
-    ig, fo = tl.split(x)
-    i, g = tl.split(ig)
-    f, o = tl.split(fo)
-    return i, f, g, o
-
-
-@device_fn
-def gate_columns(H, BLOCK_J: tl.constexpr):
-    """Columns of this program's gates in a (.., 4H) row, unit-major, and which of them exist."""
-    r = tl.arange(0, 4 * BLOCK_J)
-    units = tl.program_id(0) * BLOCK_J + r // 4
-    return (r % 4) * H + units, units < H
 
 
 @triton.jit(do_not_specialize=["s_first", "n_stages"])
@@ -64,6 +45,15 @@ def _lstm_fwd_persistent_kernel(
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    """Persistent forward, stages `s_first .. s_first + n_stages - 1`: README.md "Forward" (F2)-(F5) and
+    "The persistent variant".
+
+    Grid `(cdiv(H, BLOCK_J),)`, at most one program per SM: program 0 axis indexes blocks of `BLOCK_J` hidden
+    units. Tile: each program owns units `J_p` with their four gates (`4 BLOCK_J` unit-major columns) for all
+    `B` rows, visited in `BLOCK_B`-row blocks, and keeps `W_hh[gates(J_p), :]` on chip as `(SPLIT_K, BLOCK_K,
+    4 BLOCK_J)`. Steps 1-4 below are those of the module docstring.
+    """
+    # 0. load this program's slice W_hh[gates(J_p), :] once, split over H in SPLIT_K chunks of BLOCK_K
     n_prog = tl.num_programs(0)
     cols, col_ok = gate_columns(H, BLOCK_J)
     units = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -85,26 +75,31 @@ def _lstm_fwd_persistent_kernel(
                 gmask = row_ok[:, None] & col_ok[None, :]
                 umask = row_ok[:, None] & unit_ok[None, :]
                 state = rows[:, None] * H + units[None, :]
+                # 1. xW[t] and c_{t-1} of this slice, before the barrier wait
                 a = tl.load(xw_t + rows[:, None] * 4 * H + cols[None, :], mask=gmask, other=0.0).to(tl.float32)
                 c_prev = tl.load(c_t + state, mask=umask, other=0.0)
                 live = (t < tl.load(len_ptr + rows, mask=row_ok, other=0))[:, None]
+                # 2. wait until every program has published h_{t-1}
                 if BARRIER:
                     if (s > 0) & (b0 == 0):
                         ok = grid_wait(sync_ptr, n_prog * s, SPIN_LIMIT)
                 if ok:
+                    # 3. all of h_{t-1} from L2, a_t (F2) as one batched dot summed over the chunks, (F3)-(F5)
                     h3 = tl.load(h_t + rows[None, :, None] * H + k_h, mask=row_ok[None, :, None] & (k_h < H),
                                  other=0.0, cache_modifier=".cg")
-                    a += tl.sum(_dot(h3, w, DOT_F32, PRECISION), axis=0)
-                    act = tl.where(is_g, _tanh(a), _sigmoid(a))
+                    a += tl.sum(dot(h3, w, DOT_F32, PRECISION), axis=0)
+                    act = tl.where(is_g, tanh(a), sigmoid(a))
                     if STORE_GATES:
                         tl.store(g_ptr + t.to(tl.int64) * B * 4 * H + rows[:, None] * 4 * H + cols[None, :], act,
                                  mask=gmask)
                     i, f, g, o = split_gates(act, BLOCK_J)
                     c_new = f * c_prev + i * g
-                    h_new = o * _tanh(c_new)
+                    h_new = o * tanh(c_new)
+                    # 4. write h_t[:, J_p], c_t[:, J_p] and h_n (dead rows: h = 0, c carried)
                     tl.store(h_t + B * H + state, tl.where(live, h_new, 0.0).to(h_ptr.dtype.element_ty), mask=umask)
                     tl.store(c_t + B * H + state, tl.where(live, c_new, c_prev), mask=umask)
                     tl.store(hn_ptr + state, h_new.to(hn_ptr.dtype.element_ty), mask=umask & live)
+            # 5. arrive: this program's h_t is published
             if BARRIER:
                 if ok:
                     grid_arrive(sync_ptr)
