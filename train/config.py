@@ -49,7 +49,7 @@ class TrainConfig:
     num_return_sequences: int = 10
     eval_contexts: int = 50  # a/an probe: held-out contexts per article (before and after), 0: built-in only
     eval_study: bool = True  # prompt study (distinct-n, log-likelihood, themes) before and after training
-    memory_budget: str | None = None  # e.g. "15GiB": pick micro-batch, accumulation and savings that fit
+    memory_budget: int | None = None  # bytes ("15GiB" is parsed at validation): settings that fit, a CUDA cap
     memory_snapshot: bool = False  # CUDA: dump the allocator history (memory_snapshot.pickle)
     optimizer_in_backward: bool = False  # step each parameter from its gradient hook (no accumulation, no clip)
     save_every: str = "10min"  # a checkpoint unit every N steps ("500") or minutes ("10min"); and at the end
@@ -127,8 +127,14 @@ def validate(config: TrainConfig) -> TrainConfig:
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
-    if config.memory_budget is not None and parse_bytes(config.memory_budget) <= 0:
-        raise ValueError(f"memory_budget must be a positive size like 15GiB, got {config.memory_budget!r}")
+    if config.memory_budget is not None:
+        try:
+            budget = parse_bytes(config.memory_budget)
+        except ValueError:
+            budget = 0
+        if budget <= 0:
+            raise ValueError(f"memory_budget must be a positive size like 15GiB, got {config.memory_budget!r}")
+        config = replace(config, memory_budget=budget)
     if config.optimizer_in_backward:
         check_optimizer_in_backward(config.grad_accum, config.clip, config.dtype == "fp16")
         if config.parallel != "none":

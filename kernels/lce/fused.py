@@ -8,7 +8,7 @@ partials per row and split; `_combine` merges the S splits (lse = M + log sum_j 
 only when there are too few row tiles to fill the GPU (small N).
 
 Backward (as in Cut Cross-Entropy): one program per (BN, BV) tile recomputes the logits, turns them into
-dloss/dy with the saved lse (formulas in kernels/lce_chunked.py), skips the tile when every |dloss/dz|
+dloss/dy with the saved lse (formulas in kernels/lce/chunked.py), skips the tile when every |dloss/dz|
 in it is below `filter_eps` (gradient filtering), and otherwise adds its share of dh = g W, dW = g^T h
 and db with atomics. dW goes into a buffer of the weight's dtype (`accumulate="param"`) or fp32; dh and
 db always into fp32, because each row of dh sums V / BV tile products and in bf16 the small ones would

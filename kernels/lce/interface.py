@@ -2,8 +2,8 @@
 """Linear cross-entropy that never materializes the (N, V) logits: input checks and dispatch.
 
 `linear_cross_entropy(h, W, y)` equals `F.cross_entropy(F.linear(h, W, b), y)` in value and in the gradients
-of `h`, `W` and `b`. `impl="chunked"` (kernels/lce_chunked.py) is plain PyTorch on any device;
-`impl="triton"` (kernels/lce_triton.py) keeps each logits tile on chip. See kernels/LCE.md.
+of `h`, `W` and `b`. `impl="chunked"` (kernels/lce/chunked.py) is plain PyTorch on any device;
+`impl="triton"` (kernels/lce/fused.py) keeps each logits tile on chip. See kernels/LCE.md.
 """
 
 import os

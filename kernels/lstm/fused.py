@@ -211,7 +211,7 @@ def fused_lstm(
             most one program per SM with a grid barrier per step (raises ValueError where the
             grid or the slice does not fit), "tiled" streams it in `(block_k, block_n)` tiles
             every step; "auto" picks onchip, else persistent, else tiled, where each fits (under
-            the interpreter onchip or tiled). See `kernels/README.md` and `kernels/lstm_config.py`.
+            the interpreter onchip or tiled). See `kernels/README.md` and `kernels/lstm/config.py`.
         block_b, block_n, block_k: batch rows per program (per block, for persistent) and the
             tiled variant's tiles (powers of two, at least 16); by default the tiles suit the
             GPU's architecture.

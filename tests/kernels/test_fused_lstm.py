@@ -19,6 +19,8 @@ from leanfit.lstm_core import LSTM
 from leanfit.lstm_core.functional import lstm_layer
 from tests.helpers import assert_close
 
+pytestmark = pytest.mark.gpu  # runs on CUDA when there is one: the GPU lane
+
 TOL = {
     torch.float32: (2e-5, 1e-4),
     torch.bfloat16: (8e-2, 3e-2),

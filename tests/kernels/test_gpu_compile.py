@@ -23,10 +23,12 @@ SPILL_EXCEPTIONS: dict[tuple[str, str], str] = {}
 # The gate compiles about 350 distinct kernels (540 launches); cold, on 2 cores, that took 2 minutes.
 TIMEOUT_S = 1800
 
-pytestmark = pytest.mark.skipif(
-    any(ptxas_path(arch) is None for arch in ARCHS),
-    reason="the installed triton wheel ships no ptxas (triton/backends/nvidia/bin), so nothing can be compiled",
-)
+pytestmark = [
+    pytest.mark.skipif(any(ptxas_path(arch) is None for arch in ARCHS),
+                       reason="the installed triton wheel ships no ptxas (triton/backends/nvidia/bin), so nothing can "
+                              "be compiled"),
+    pytest.mark.slow,  # about 350 distinct compiles: 2 minutes cold on 2 cores
+]
 CASES = cases()
 
 

@@ -18,6 +18,8 @@ from leanfit.kernels.launch import record_launches
 from leanfit.kernels.lce.chunked import LCEOptions
 from tests.helpers import assert_close
 
+pytestmark = pytest.mark.gpu  # runs on CUDA when there is one: the GPU lane
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="no CUDA, no interpreter")
 IMPLS = ["chunked", pytest.param("triton", marks=needs_triton)]

@@ -9,6 +9,8 @@ import leanfit.kernels.lce.chunked as lce_chunked
 from leanfit.kernels import linear_cross_entropy, naive_linear_cross_entropy
 from tests.helpers import assert_close
 
+pytestmark = pytest.mark.gpu  # runs on CUDA when there is one: the GPU lane
+
 TABLE = {
     torch.float64: (1e-10, 1e-9),
     torch.float32: (2e-5, 1e-4),

@@ -30,6 +30,8 @@ from tests.kernels.test_fused_lstm import (
     run_packed,
 )
 
+pytestmark = pytest.mark.gpu  # runs on CUDA when there is one: the GPU lane
+
 FP32_CPU_ONLY = pytest.mark.skipif(
     torch.cuda.is_available(),
     reason="on a GPU variant='persistent' takes bf16 and fp16 only; these fp32 cases run under the interpreter",

@@ -19,6 +19,8 @@ from transformers import (
 from leanfit.train.lm_loss import causal_lm_loss
 from tests.helpers import assert_close
 
+pytestmark = pytest.mark.gpu  # runs on CUDA when there is one: the GPU lane
+
 TABLE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-6, 2e-5)}
 HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["naive", "chunked", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]

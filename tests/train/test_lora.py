@@ -42,6 +42,7 @@ def adapter_grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_the_chunked_loss_on_a_peft_model_equals_hfs_loss_and_its_adapter_gradients(kind):
     model = lora_tiny(kind, rank=4, alpha=8.0)
@@ -77,6 +78,7 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
 def test_a_frozen_head_gets_no_weight_gradient_buffer(impl):
     """With LoRA the head (V, H) is frozen: no buffer of its shape is made in the loss's forward or backward.
@@ -332,6 +334,7 @@ def test_architecture_presets_have_the_published_sizes(name):
     assert abs(n / PUBLISHED[name] - 1) < 0.01, n
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA's 4-bit base is trained on CUDA only")
 def test_qlora_on_cuda_trains_only_adapters_on_a_4bit_base_within_its_estimate(tmp_path, files):
     """On a GPU: the base's linear layers load as bitsandbytes' Linear4bit, a few steps lower the loss and change

@@ -12,7 +12,7 @@ from .. import config as cfg
 from ..devices import device_kind, indexed_device
 from ..gpus import GPUS
 from ..model.architectures import check_positions, load_config
-from ..units import format_bytes, parse_bytes
+from ..units import format_bytes
 from .budget import NothingFits, choose_for_train_config, train_config_changes
 from .estimate import StepConfig, estimate_step
 
@@ -55,8 +55,8 @@ def plan_memory(config: cfg.TrainConfig, model_ref: str | None = None,
     kind = "cuda" if config.gpu else device_kind(config.device)
     if config.memory_budget is None and config.gpu is None:
         return config, estimate_step(replace(step_config(config, kind, world_size), model=model_ref)).table()
-    budget = parse_bytes(config.memory_budget) if config.memory_budget else GPUS[config.gpu].usable_bytes
-    label = config.memory_budget or f"{format_bytes(budget)} (the {config.gpu}'s usable memory)"
+    budget = config.memory_budget or GPUS[config.gpu].usable_bytes
+    label = format_bytes(budget) + ("" if config.memory_budget else f" (the {config.gpu}'s usable memory)")
     try:
         choice = choose_for_train_config(replace(config, model=model_ref), budget, kind, world_size=world_size)
     except NothingFits as e:
@@ -70,7 +70,7 @@ def plan_memory(config: cfg.TrainConfig, model_ref: str | None = None,
 def oom_advice(config: cfg.TrainConfig, device: torch.device) -> str | None:
     """After a CUDA out-of-memory error: a configuration the estimate says fits the budget (or the card)."""
     if config.memory_budget:
-        budget = parse_bytes(config.memory_budget)
+        budget = config.memory_budget
     elif device.type == "cuda":
         budget = torch.cuda.get_device_properties(indexed_device(device)).total_memory
     else:

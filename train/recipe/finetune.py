@@ -46,7 +46,6 @@ from ..step import (
     target_count,
     validation_loss,
 )
-from ..units import parse_bytes
 from .context import Hooks, RunContext, restore_train_state
 from .distributed import start_parallel
 from .outputs import summary, write_metrics, write_outputs, write_run_json, write_unit
@@ -81,7 +80,7 @@ def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = No
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if config.memory_budget and device.type == "cuda":
-        apply_memory_cap(parse_bytes(config.memory_budget), device)
+        apply_memory_cap(config.memory_budget, device)
     if config.memory_snapshot and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     model, tokenizer = load_for_training(config, checked.model_ref, device)

@@ -63,7 +63,7 @@ def resume_point(folder) -> ResumePoint:
         unit, state, skipped = latest_unit(folder, run_id=run.get("run_id"), tensors=False)
     except UnitError as e:
         raise ValueError(str(e)) from None
-    saved = cfg.from_dict({k: v for k, v in state["config"].items() if k != "resume"})
+    saved = cfg.validate(cfg.from_dict({k: v for k, v in state["config"].items() if k != "resume"}))
     return ResumePoint(folder, run, unit, saved, tuple(skipped))
 
 
@@ -109,5 +109,6 @@ def merge_settings(flags: dict, preset: str | None = None) -> tuple[cfg.TrainCon
     config = cfg.from_dict(flags, base)
     if resume:
         given = [f"--{k.replace('_', '-')} {flags[k]}" for k in FIXED_ON_RESUME if k in flags]
-        resume_changes(saved, config, ", ".join(given + ([f"--preset {preset}"] if preset else [])) or "--resume")
+        source = ", ".join(given + ([f"--preset {preset}"] if preset else [])) or "--resume"
+        resume_changes(saved, cfg.validate(config), source)
     return config, point
