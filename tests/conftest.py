@@ -7,6 +7,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from tests.helpers import TRITON_DEVICE  # noqa: E402
+
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
@@ -19,3 +21,8 @@ def _seed():
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture
+def triton_device():
+    return TRITON_DEVICE

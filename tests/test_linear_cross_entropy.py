@@ -1,13 +1,11 @@
 """linear_cross_entropy against F.cross_entropy(F.linear(h, W, b), y): values and the grads of h, W, b."""
 
-import os
-
 import pytest
 import torch
 
 import leanfit.kernels.lce_chunked as lce_chunked
 from leanfit.kernels import linear_cross_entropy, naive_linear_cross_entropy
-from tests.helpers import assert_close
+from tests.helpers import HAS_TRITON, assert_close
 
 TABLE = {
     torch.float64: (1e-10, 1e-9),
@@ -15,7 +13,6 @@ TABLE = {
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (2e-3, 5e-3),
 }
-HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no CUDA, no interpreter"))]
 
 
