@@ -23,7 +23,7 @@ rewrites the same values. `BARRIER=False`: one stage per launch, as in the forwa
 import triton
 import triton.language as tl
 
-from .grid_barrier import grid_arrive, grid_timed_out, grid_wait
+from .grid_barrier import arrives, grid_arrive, grid_timed_out, grid_wait
 from .lstm_bwd import _gate_grads, _load_gates
 from .lstm_compat import device_fn
 from .lstm_fwd import _dot, _sigmoid, _tanh
@@ -80,7 +80,7 @@ def _lstm_bwd_persistent_kernel(
     s_first, n_stages, T, B, H,
     RECOMPUTE: tl.constexpr, BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
-    RECOMPUTE_K: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    RECOMPUTE_K: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, WITHHOLD_STAGE: tl.constexpr = -1,
 ):
     n_prog = tl.num_programs(0)
     units = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -143,7 +143,7 @@ def _lstm_bwd_persistent_kernel(
                     tl.store(dh0_ptr + state, dh, mask=umask & ~step)
                     tl.store(dc0_ptr + state, dc, mask=umask & ~step)
             if BARRIER:
-                if ok:
+                if arrives(ok, stage, WITHHOLD_STAGE):
                     grid_arrive(sync_ptr)
     if not ok:
         grid_timed_out(sync_ptr)

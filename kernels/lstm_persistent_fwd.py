@@ -26,7 +26,7 @@ the first incomplete stage rewrites the same values.
 import triton
 import triton.language as tl
 
-from .grid_barrier import grid_arrive, grid_timed_out, grid_wait
+from .grid_barrier import arrives, grid_arrive, grid_timed_out, grid_wait
 from .lstm_compat import device_fn
 from .lstm_fwd import _dot, _sigmoid, _tanh
 
@@ -62,7 +62,7 @@ def _lstm_fwd_persistent_kernel(
     s_first, n_stages, B, H,
     STORE_GATES: tl.constexpr, BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, WITHHOLD_STAGE: tl.constexpr = -1,
 ):
     n_prog = tl.num_programs(0)
     cols, col_ok = gate_columns(H, BLOCK_J)
@@ -106,7 +106,7 @@ def _lstm_fwd_persistent_kernel(
                     tl.store(c_t + B * H + state, tl.where(live, c_new, c_prev), mask=umask)
                     tl.store(hn_ptr + state, h_new.to(hn_ptr.dtype.element_ty), mask=umask & live)
             if BARRIER:
-                if ok:
+                if arrives(ok, t, WITHHOLD_STAGE):
                     grid_arrive(sync_ptr)
     if not ok:
         grid_timed_out(sync_ptr)
