@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 
 from tests.helpers import TRITON_DEVICE  # noqa: E402
 
-DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
+DEVICES = [TRITON_DEVICE.type]
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +21,3 @@ def _seed():
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
-
-
-@pytest.fixture
-def triton_device():
-    return TRITON_DEVICE

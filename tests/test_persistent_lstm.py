@@ -20,11 +20,11 @@ from leanfit.kernels.lstm import FusedLSTMFunction, fused_lstm
 from leanfit.kernels.lstm_config import lstm_config, persistent_shape
 from leanfit.lstm_core import LSTM, LSTMError
 from leanfit.lstm_core.functional import lstm_layer
-from tests.helpers import assert_close
+from tests.helpers import TRITON_DEVICE, assert_close
 from tests.test_fused_lstm import NAMES, TOL, _check_layer, _inputs, _run, assert_same_module_results, run_packed
 
 FP32_CPU_ONLY = pytest.mark.skipif(
-    torch.cuda.is_available(),
+    TRITON_DEVICE.type == "cuda",
     reason="on a GPU variant='persistent' takes bf16 and fp16 only; these fp32 cases run under the interpreter",
 )
 
@@ -262,7 +262,7 @@ def test_fp32_persistent_on_a_gpu_raises():
         lstm_config(16, 768, torch.float32, 90, "persistent")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU configs (barrier, cooperative launch) need CUDA")
+@pytest.mark.skipif(TRITON_DEVICE.type != "cuda", reason="the GPU configs (barrier, cooperative launch) need CUDA")
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored-gates", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("H", [100, 256, 512, 768, 1024])
