@@ -86,6 +86,7 @@ class LSTMCell(nn.Module):
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
     def _check_forward(self, input, hx):
+        """Ranks, then sizes, then dtypes and devices: nn.LSTMCell's order."""
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"LSTMCell: expected input to be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
@@ -95,13 +96,17 @@ class LSTMCell(nn.Module):
             for idx, t in enumerate(hx):
                 if t.dim() not in (1, 2):
                     raise LSTMError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {t.dim()}D instead")
+        self._check_sizes(input, hx)
         check_input_like(input, self.weight_ih)
+        for idx, t in enumerate(hx or ()):
+            check_state_like(f"hx[{idx}]", t, input)
+
+    def _check_sizes(self, input, hx):
         if input.shape[-1] != self.input_size:
             raise LSTMError(f"input has inconsistent input_size: got {input.shape[-1]} expected {self.input_size}")
         for idx, t in enumerate(hx or ()):
             if t.dim() != input.dim():
                 raise LSTMError(f"LSTMCell: {input.dim()}-D input needs {input.dim()}-D hx[{idx}], got {t.dim()}-D")
-            check_state_like(f"hx[{idx}]", t, input)
             if t.dim() == 2 and t.shape[0] != input.shape[0]:
                 raise LSTMError(f"Input batch size {input.shape[0]} doesn't match hidden{idx} batch size {t.shape[0]}")
             if t.shape[-1] != self.hidden_size:

@@ -7,7 +7,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
+from tests.helpers import TRITON_DEVICE  # noqa: E402
+
+DEVICES = [TRITON_DEVICE.type]
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,11 @@
-"""One tolerance table per dtype and one `assert_close` that reports how far off a tensor is."""
+"""One tolerance table per dtype, one `assert_close` that reports how far off a tensor is, and where Triton runs."""
+
+import os
 
 import torch
+
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HAS_TRITON = TRITON_DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 TOLERANCES = {
     torch.float64: (1e-10, 1e-10),
@@ -8,6 +13,12 @@ TOLERANCES = {
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (2e-3, 2e-3),
 }
+
+
+def device_for(impl):
+    """Where a test puts the tensors for `impl`: Triton's on CUDA when there is one, else on the CPU for the
+    interpreter (conftest sets TRITON_INTERPRET=1 without CUDA); every other impl on the CPU."""
+    return TRITON_DEVICE if impl == "triton" else torch.device("cpu")
 
 
 def tolerance(dtype, table=None):

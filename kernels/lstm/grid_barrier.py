@@ -18,6 +18,12 @@ stage. The programs must be co-resident for the
 barrier to pass at all: the launchers keep the grid within the SM count and ask for a cooperative launch,
 which fails at launch, not in the spin, when the grid cannot be resident.
 
+A test can make the barrier stall on hardware: `WITHHOLD_STAGE=k` (a constexpr, -1 by default, so normal
+launches compile the same kernel) keeps the last program's arrival for stage `k` from coming (`arrives`). The
+program still completes stage `k`; at stage `k + 1` every program's spin runs out, and the launcher relaunches
+from stage `k` (`P (k + 1) - 1` arrivals). `k` must be at least 1: the driver takes fewer than `P` arrivals in
+a launch for a broken barrier.
+
 Under the Triton interpreter the programs of a launch run one after another, so a program waiting for a
 later one times out: with a small `SPIN_LIMIT` the interpreter exercises exactly this timeout and relaunch
 path, one stage per launch.
@@ -27,13 +33,21 @@ import triton.language as tl
 
 from ..interpreter import device_fn
 
-__all__ = ["grid_arrive", "grid_wait"]
+__all__ = ["arrives", "grid_arrive", "grid_wait"]
 
 
 @device_fn
 def grid_arrive(sync_ptr):
     tl.debug_barrier()
     tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+
+
+@device_fn
+def arrives(ok, stage, WITHHOLD_STAGE: tl.constexpr):
+    """`ok`, but False for the last program at `stage == WITHHOLD_STAGE` (test-only; -1: never)."""
+    if WITHHOLD_STAGE >= 0:
+        ok = ok & ((stage != WITHHOLD_STAGE) | (tl.program_id(0) != tl.num_programs(0) - 1))
+    return ok
 
 
 @device_fn

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ..interpreter import device_fn
 from .cell import dot, gate_columns, gate_grads, load_gates, sigmoid, split_gates, tanh
-from .grid_barrier import grid_arrive, grid_timed_out, grid_wait
+from .grid_barrier import arrives, grid_arrive, grid_timed_out, grid_wait
 
 
 @device_fn
@@ -78,7 +78,7 @@ def _lstm_bwd_persistent_kernel(
     s_first, n_stages, T, B, H,
     RECOMPUTE: tl.constexpr, BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
-    RECOMPUTE_K: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    RECOMPUTE_K: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, WITHHOLD_STAGE: tl.constexpr = -1,
 ):
     """Persistent backward, stages `s_first .. s_first + n_stages - 1` (stage `s` is time `t = T-1-s`, down to
     `t = -1`): README.md "Backward" (B1)-(B7) and "The persistent variant".
@@ -156,7 +156,7 @@ def _lstm_bwd_persistent_kernel(
                     tl.store(dc0_ptr + state, dc, mask=umask & ~step)
             # 5. arrive: this program's dgates_t is published
             if BARRIER:
-                if ok:
+                if arrives(ok, stage, WITHHOLD_STAGE):
                     grid_arrive(sync_ptr)
     if not ok:
         grid_timed_out(sync_ptr)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .cell import dot, gate_columns, sigmoid, split_gates, tanh
-from .grid_barrier import grid_arrive, grid_timed_out, grid_wait
+from .grid_barrier import arrives, grid_arrive, grid_timed_out, grid_wait
 
 
 @triton.jit(do_not_specialize=["s_first", "n_stages"])
@@ -43,7 +43,7 @@ def _lstm_fwd_persistent_kernel(
     s_first, n_stages, B, H,
     STORE_GATES: tl.constexpr, BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, WITHHOLD_STAGE: tl.constexpr = -1,
 ):
     """Persistent forward, stages `s_first .. s_first + n_stages - 1`: README.md "Forward" (F2)-(F5) and
     "The persistent variant".
@@ -101,7 +101,7 @@ def _lstm_fwd_persistent_kernel(
                     tl.store(hn_ptr + state, h_new.to(hn_ptr.dtype.element_ty), mask=umask & live)
             # 5. arrive: this program's h_t is published
             if BARRIER:
-                if ok:
+                if arrives(ok, t, WITHHOLD_STAGE):
                     grid_arrive(sync_ptr)
     if not ok:
         grid_timed_out(sync_ptr)

@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from leanfit.kernels.lstm import fused_lstm
 from leanfit.lstm_core import LSTM
 from leanfit.lstm_core.functional import lstm_layer
-from tests.helpers import assert_close
+from tests.helpers import TRITON_DEVICE, assert_close
 
 pytestmark = pytest.mark.gpu  # runs on CUDA when there is one: the GPU lane
 
@@ -241,7 +241,7 @@ def test_bad_input_raises(change, match, device):
         fused_lstm(**change(args))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a CPU without the Triton interpreter")
+@pytest.mark.skipif(TRITON_DEVICE.type == "cuda", reason="the error is for a CPU without the Triton interpreter")
 def test_cpu_without_interpreter_says_what_it_needs():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = "import torch; from leanfit.lstm_core import LSTM; LSTM(4, 8, backend='triton')(torch.randn(3, 2, 4))"
@@ -257,7 +257,7 @@ def test_onchip_wider_than_it_fits_raises(device):
         fused_lstm(*args, variant="onchip")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the per-architecture configs are chosen only on CUDA")
+@pytest.mark.skipif(TRITON_DEVICE.type != "cuda", reason="the per-architecture configs are chosen only on CUDA")
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored-gates", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("H", [32, 64, 100, 256, 512, 768, 1024])

@@ -16,12 +16,12 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from leanfit.kernels import linear_cross_entropy, naive_linear_cross_entropy
 from leanfit.kernels.launch import record_launches
 from leanfit.kernels.lce.chunked import LCEOptions
-from tests.helpers import assert_close
+from tests.helpers import HAS_TRITON, TRITON_DEVICE, assert_close
 
 pytestmark = pytest.mark.gpu  # runs on CUDA when there is one: the GPU lane
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="no CUDA, no interpreter")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="no CUDA, no interpreter")
 IMPLS = ["chunked", pytest.param("triton", marks=needs_triton)]
 # The Triton path takes meta tensors only under the interpreter (elsewhere it checks for CUDA tensors).
 META_IMPLS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not INTERPRETED, reason="needs the "
@@ -152,7 +152,7 @@ def test_fp32_accumulation_holds_an_fp32_dw(impl):
     assert above >= 2 * w_bytes
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the per-architecture configs are chosen only on CUDA")
+@pytest.mark.skipif(TRITON_DEVICE.type != "cuda", reason="the per-architecture configs are chosen only on CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("head", [(576, 49152), (768, 50257), (2304, 256000)], ids=["H576", "H768", "H2304"])
 def test_compile_gate_heads_run_on_this_gpu(head, dtype, device):

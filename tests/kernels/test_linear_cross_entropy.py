@@ -1,13 +1,11 @@
 """linear_cross_entropy against F.cross_entropy(F.linear(h, W, b), y): values and the grads of h, W, b."""
 
-import os
-
 import pytest
 import torch
 
 import leanfit.kernels.lce.chunked as lce_chunked
 from leanfit.kernels import linear_cross_entropy, naive_linear_cross_entropy
-from tests.helpers import assert_close
+from tests.helpers import HAS_TRITON, assert_close
 
 pytestmark = pytest.mark.gpu  # runs on CUDA when there is one: the GPU lane
 
@@ -17,7 +15,6 @@ TABLE = {
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (2e-3, 5e-3),
 }
-HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no CUDA, no interpreter"))]
 
 

@@ -6,7 +6,8 @@ Under the interpreter the launcher runs one stage per launch (the programs of a 
 so a spin barrier could not pass). The buffers a stage reads from other programs (`h`, `dgates`) hold NaN until
 published, so reading one early makes the outputs NaN, which `assert_close` rejects. The timeout path runs
 the same kernels with the barrier and a spin limit of 0: each launch then completes what the programs that
-ran before the last arrival could, and the launcher relaunches from the first incomplete stage.
+ran before the last arrival could, and the launcher relaunches from the first incomplete stage. On a GPU the
+test-only `WITHHOLD_STAGE` keeps one program's arrival from coming, so the barrier really stalls there.
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ from leanfit.kernels.lstm import persistent as lstm_persistent
 from leanfit.kernels.lstm.config import lstm_config, persistent_shape
 from leanfit.lstm_core import LSTM, LSTMError
 from leanfit.lstm_core.functional import lstm_layer
-from tests.helpers import assert_close
+from tests.helpers import TRITON_DEVICE, assert_close
 from tests.kernels.test_fused_lstm import (
     NAMES,
     TOL,
@@ -33,7 +34,7 @@ from tests.kernels.test_fused_lstm import (
 pytestmark = pytest.mark.gpu  # runs on CUDA when there is one: the GPU lane
 
 FP32_CPU_ONLY = pytest.mark.skipif(
-    torch.cuda.is_available(),
+    TRITON_DEVICE.type == "cuda",
     reason="on a GPU variant='persistent' takes bf16 and fp16 only; these fp32 cases run under the interpreter",
 )
 
@@ -121,7 +122,10 @@ def _as_pair(result):
 
 def test_barrier_timeouts_relaunch_to_the_right_answer(device, monkeypatch):
     """Spin limit 0 with 4 programs: the launch times out after its first stage or two, and the launcher runs
-    the stages not every program completed one launch each, without the barrier, from the first of them."""
+    the stages not every program completed one launch each, without the barrier, from the first of them. On a
+    GPU every program arrives anyway, so nothing times out: the withheld-arrival test covers the hardware."""
+    if device.type == "cuda":
+        pytest.skip("a GPU runs the programs at once, so spin limit 0 does not stall; see the withheld-arrival test")
     T, H = 6, 32
     fwd, bwd = _barrier_configs(T, 3, H, device, spin_limit=0)
     seen = _counted_launches(monkeypatch)
@@ -133,6 +137,37 @@ def test_barrier_timeouts_relaunch_to_the_right_answer(device, monkeypatch):
     assert [f for _, f, _, _ in rest] == list(range(arrivals // 4, T)), seen
     backward = [f for kernel, f, _, _ in seen if kernel == "_lstm_bwd_persistent_kernel"]
     assert backward == list(range(T + 1)), "after a stall, later calls run one stage per launch from the start"
+
+
+WITHHELD = {"forward": ("_lstm_fwd_persistent_kernel", 0), "backward": ("_lstm_bwd_persistent_kernel", 1)}
+
+
+def _withhold(cfg, stage):
+    return dataclasses.replace(cfg, meta={**cfg.meta, "WITHHOLD_STAGE": stage})
+
+
+@pytest.mark.parametrize("programs", [1, 4])
+@pytest.mark.parametrize("kernel, which", WITHHELD.values(), ids=WITHHELD.keys())
+def test_a_withheld_arrival_stalls_the_barrier_and_the_relaunch_is_exact(kernel, which, programs, device,
+                                                                        monkeypatch):
+    """The last program does not arrive at stage k (WITHHOLD_STAGE): every program's bounded spin at stage k+1
+    runs out, the launch ends with P (k + 1) - 1 arrivals, and the launcher runs stages k.. one launch each, so
+    the withheld program's stage k is computed again. On a GPU the others really spin; under the interpreter
+    one program stalls on its own missing arrival."""
+    if programs > 1 and device.type != "cuda":
+        pytest.skip("under the interpreter the programs of a launch run one after another, so with more than one "
+                    "the barrier times out at stage 1 whatever is withheld (test_barrier_timeouts_relaunch_...)")
+    T, H, k = 6, 32, 3
+    spin_limit = 1 << 16 if device.type == "cuda" else 0
+    configs = list(_barrier_configs(T, 3, H, device, spin_limit=spin_limit, block_j=H // programs))
+    configs[which] = _withhold(configs[which], k)
+    seen = _counted_launches(monkeypatch)
+    monkeypatch.setattr(lstm_persistent, "_STALLED", [])
+    with pytest.warns(RuntimeWarning, match=f"grid barrier timed out at stage {k} of"):
+        _check_barrier_path(T, 3, 8, H, device, *configs, lengths=[6, 2, 5])
+    launches = [(first, arrivals, timed_out) for name, first, arrivals, timed_out in seen if name == kernel]
+    stages = T + which
+    assert launches == [(0, programs * (k + 1) - 1, 1)] + [(s, 0, 0) for s in range(k, stages)], seen
 
 
 def test_barrier_that_never_times_out_runs_one_launch(device, monkeypatch):
@@ -237,7 +272,7 @@ def test_fp32_persistent_on_a_gpu_raises():
         lstm_config(16, 768, torch.float32, 90, "persistent")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU configs (barrier, cooperative launch) need CUDA")
+@pytest.mark.skipif(TRITON_DEVICE.type != "cuda", reason="the GPU configs (barrier, cooperative launch) need CUDA")
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored-gates", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("H", [100, 256, 512, 768, 1024])

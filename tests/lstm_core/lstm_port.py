@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from leanfit.lstm_core import LSTM, LSTMCell
+from tests.helpers import TRITON_DEVICE
 
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_TOL = {torch.float32: (2e-5, 1e-4)}
 
 TRITON = functools.partial(LSTM, backend="triton", device=TRITON_DEVICE)

@@ -190,6 +190,24 @@ CELL_CASES = {
 }
 
 
+FP64_SHAPE_ERRORS = {
+    "input-size": ((3, 11), ((3, 20), (3, 20))),
+    "hidden-size": ((3, 10), ((3, 21), (3, 21))),
+    "batch-size": ((3, 10), ((5, 20), (5, 20))),
+    "hidden1-batch-size": ((3, 10), ((3, 20), (5, 20))),
+    "input-size-no-hx": ((3, 11), None),
+}
+
+
+@pytest.mark.parametrize("x_shape,hx_shapes", FP64_SHAPE_ERRORS.values(), ids=FP64_SHAPE_ERRORS.keys())
+def test_cell_reports_a_shape_error_before_the_dtype_like_nn_lstmcell(x_shape, hx_shapes):
+    """An fp64 input of the wrong size meets an fp32 cell: nn.LSTMCell names the size, so ours does too."""
+    x = torch.randn(x_shape, dtype=torch.float64)
+    hx = None if hx_shapes is None else tuple(torch.randn(s, dtype=torch.float64) for s in hx_shapes)
+    ref, ours = _both_raise(lambda: torch.nn.LSTMCell(10, 20), lambda: LSTMCell(10, 20), lambda c: c(x, hx))
+    assert str(ours) == str(ref)
+
+
 @pytest.mark.parametrize("call,match", CELL_CASES.values(), ids=CELL_CASES.keys())
 def test_cell_rejects(call, match):
     _, ours = _both_raise(lambda: torch.nn.LSTMCell(3, 4), lambda: LSTMCell(3, 4), call)

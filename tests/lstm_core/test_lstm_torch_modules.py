@@ -268,11 +268,13 @@ CELL_ERRORS = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", CELL_ERRORS.values(), ids=CELL_ERRORS.keys())
 @pytest.mark.parametrize("cls", CELLS)
-def test_cell_errors(cls, case):
-    """module_error_inputs_torch_nn_LSTMCell on LSTMCell(10, 20)."""
+def test_cell_errors(cls, case, dtype):
+    """module_error_inputs_torch_nn_LSTMCell on LSTMCell(10, 20); the fp64 inputs meet fp32 weights, and the
+    shape error still comes first."""
     x_shape, hx_shapes, exc, pattern = case
-    x, hx = torch.randn(x_shape), tuple(torch.randn(s) for s in hx_shapes)
+    x, hx = torch.randn(x_shape, dtype=dtype), tuple(torch.randn(s, dtype=dtype) for s in hx_shapes)
     with pytest.raises(exc, match=pattern):
         cls(10, 20)(x, hx)

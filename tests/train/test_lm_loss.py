@@ -1,7 +1,5 @@
 """causal_lm_loss against the HF model's own loss (`model(ids, labels=ids).loss`) on tiny random models."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,12 +15,11 @@ from transformers import (
 )
 
 from leanfit.train.lm_loss import causal_lm_loss
-from tests.helpers import assert_close
+from tests.helpers import HAS_TRITON, assert_close, device_for
 
 pytestmark = pytest.mark.gpu  # runs on CUDA when there is one: the GPU lane
 
 TABLE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-6, 2e-5)}
-HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["naive", "chunked", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -74,8 +71,8 @@ def _compare(ref, out, dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_hf_loss_and_every_grad(family, impl):
-    model = _build(family)
-    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    model = _build(family).to(device_for(impl))
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), device=device_for(impl))
     _compare(_hf(model, ids), _ours(model, ids, impl=impl), torch.float32)
 
 

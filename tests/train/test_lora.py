@@ -23,7 +23,7 @@ from leanfit.train.optim import make_optimizer
 from leanfit.train.recipe.context import Hooks
 from leanfit.train.recipe.finetune import run
 from leanfit.train.recipe.outputs import WRITERS
-from tests.helpers import assert_close
+from tests.helpers import assert_close, device_for
 from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir, tiny_run_config
 from tests.train.test_cli_errors import one_line_error
 from tests.train.test_estimate import measured_peak
@@ -83,9 +83,9 @@ class _Allocations(TorchDispatchMode):
 def test_a_frozen_head_gets_no_weight_gradient_buffer(impl):
     """With LoRA the head (V, H) is frozen: no buffer of its shape is made in the loss's forward or backward.
     The control, the same model with its head trainable, makes one (the dW accumulator)."""
-    model = lora_tiny("llama", rank=4)
+    model = lora_tiny("llama", rank=4).to(device_for(impl))
     head = model.get_output_embeddings().weight
-    ids = torch.randint(0, 300, (2, 12))
+    ids = torch.randint(0, 300, (2, 12), device=device_for(impl))
 
     def shapes():
         with _Allocations() as seen:
