@@ -295,7 +295,7 @@ class ChunkedLCEFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(hidden, weight, bias, target, lse)
             out = loss
-        return out.to(hidden.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -353,9 +353,9 @@ class TritonLCEFunction(torch.autograd.Function):
         if any(need):
             ctx.save_for_backward(hidden, weight, bias, target, lse)
         if opts.reduction == "none":
-            return loss.to(hidden.dtype)
+            return loss
         total = loss.sum()
-        return (total if divisor is None else total / divisor).to(hidden.dtype)
+        return total if divisor is None else total / divisor
 
     @staticmethod
     def backward(ctx, grad_out):

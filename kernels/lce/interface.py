@@ -86,12 +86,20 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
         raise ValueError(
             f"linear_cross_entropy: expected a dtype in {_TRITON_DTYPES} for impl='triton', given {dtype}"
         )
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl == "triton" and device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"linear_cross_entropy: expected a CUDA tensor (or TRITON_INTERPRET=1) for impl='triton', "
             f"given a tensor on {device}"
         )
     return impl
+
+
+def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype autocast would run `F.linear` in for fp32 inputs on `device`, or None (not autocasting)."""
+    if dtype != torch.float32 or device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
+        return None
+    cast = torch.get_autocast_dtype(device.type)
+    return cast if cast in (torch.bfloat16, torch.float16) else None
 
 
 def linear_cross_entropy(
@@ -144,8 +152,14 @@ def linear_cross_entropy(
             copy of its gradient (twice W's size); or "fp32" (fp64 stays fp64), more exact and that much
             larger. dh and db are summed in fp32 either way.
 
+    Under autocast (fp32 inputs, `torch.autocast` on with bf16 or fp16), the products run in the autocast
+    dtype with fp32 accumulation, as `F.linear` does there; the log-sum-exp and the loss stay fp32, and dW is
+    summed in fp32 (the fp32 parameter's own dtype) before the one rounding that `F.linear`'s dW also gets.
+
     Returns:
-        A 0-dim tensor for "mean"/"sum", else a tensor shaped like target; in hidden's dtype.
+        A 0-dim tensor for "mean"/"sum", else a tensor shaped like target; in fp32 (fp64 for fp64 inputs), as
+        HF's upcast loss, Liger and CCE return it: a 16-bit loss would round a value near 10 to 0.03-0.06 nats.
+        The gradients keep the inputs' dtypes.
 
     Example:
         >>> h = torch.randn(8, 16, requires_grad=True)
@@ -155,6 +169,11 @@ def linear_cross_entropy(
     """
     _validate(hidden, weight, target, bias, reduction, label_smoothing, softcap, num_items, chunk_size, impl,
               accumulate)
+    cast = _autocast_dtype(hidden.device, hidden.dtype)
+    if cast is not None and weight.dtype == torch.float32:
+        hidden, weight = hidden.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
+        accumulate = "fp32"
     vocab, width = weight.shape
     flat_h = hidden.reshape(-1, width)
     flat_t = target.reshape(-1).long()

@@ -2,7 +2,7 @@
 """The reference linear cross-entropy: the whole (N, V) logits, then `F.cross_entropy`.
 
 Same signature and results as `linear_cross_entropy`; the fast paths are checked against it. The logits
-and the loss are computed in fp32 (fp64 for fp64 inputs) and the loss is cast back to hidden's dtype.
+and the loss are computed and returned in fp32 (fp64 for fp64 inputs); the gradients keep the inputs' dtypes.
 It holds N * V logits (and as much again for their gradient), which is what the fast paths avoid.
 """
 
@@ -46,4 +46,4 @@ def naive_linear_cross_entropy(
                            reduction=red, label_smoothing=label_smoothing)
     if num_items is not None:
         loss = loss / num_items
-    return (loss.reshape(target.shape) if red == "none" else loss).to(hidden.dtype)
+    return loss.reshape(target.shape) if red == "none" else loss

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import leanfit.kernels.lce.chunked as lce_chunked
 from leanfit.kernels import linear_cross_entropy, naive_linear_cross_entropy
@@ -51,7 +52,7 @@ def _check(impl, h, w, b, y, dtype, **kw):
     upstream = torch.randn(y.shape, device=y.device) if red == "none" else torch.tensor(1.7, device=y.device)
     ref_loss, ref_grads = _run(_reference, h, w, b, y, upstream, **kw)
     loss, grads = _run(_ours(impl), h, w, b, y, upstream, **kw)
-    assert loss.dtype == h.dtype
+    assert loss.dtype == (torch.float64 if h.dtype == torch.float64 else torch.float32)
     assert_close("loss", ref_loss, loss, dtype=dtype, table=TABLE)
     for name, r, g in zip(("d_hidden", "d_weight", "d_bias"), ref_grads, grads):
         assert g.dtype == dtype
@@ -267,16 +268,23 @@ def test_bad_input_raises_value_error(case):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_autocast_does_not_change_the_result(impl, device):
-    h, w, b, y = _inputs((13,), 16, 40, torch.float32, device, bias=True)
-    ref = _reference(h, w, y, b)
+def test_under_autocast_the_products_run_in_its_dtype_and_the_loss_in_fp32(impl, device):
+    """fp32 parameters under bf16 autocast (how finetune trains): the loss equals the fp64 loss of the
+    bf16-cast inputs (what `F.linear` under autocast multiplies) to fp32 precision, the gradients come back in
+    fp32 and match that reference's within bf16 tolerance, and the loss is not the fp32 one (the products
+    really ran in bf16)."""
+    h, w, b, y = _inputs((13,), 16, 40, torch.float32, device, bias=True, scale=3.0)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = linear_cross_entropy(h, w, y, bias=b, impl=impl, chunk_size=4)
         grads = torch.autograd.grad(loss, (h, w, b))
-    assert loss.dtype == torch.float32
-    assert_close("loss", ref, loss, table=TABLE)
-    for name, r, g in zip(("d_hidden", "d_weight", "d_bias"), torch.autograd.grad(ref, (h, w, b)), grads):
-        assert_close(name, r, g, table=TABLE)
+    cast = [t.detach().bfloat16().double().requires_grad_() for t in (h, w, b)]
+    ref = F.cross_entropy(F.linear(*cast), y)
+    exact = F.cross_entropy(F.linear(h.double(), w.double(), b.double()), y)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert abs(loss.item() - ref.item()) <= 1e-5, (loss.item(), ref.item())
+    assert abs(loss.item() - exact.item()) > 1e-4, "the products ran in fp32, not in autocast's bf16"
+    for name, r, g in zip(("d_hidden", "d_weight", "d_bias"), torch.autograd.grad(ref, cast), grads):
+        assert_close(name, r, g, dtype=torch.bfloat16, table=TABLE)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -296,3 +304,16 @@ def test_naive_reference_against_the_formula_in_fp64(reduction):
     ref_grads = torch.autograd.grad(expected, (h, w, b), up)
     for name, r, g in zip(("d_hidden", "d_weight", "d_bias"), ref_grads, grads):
         assert_close(name, r, g)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_16_bit_input_gives_an_fp32_loss_within_1e4_of_fp64(impl, dtype, device):
+    """The loss value is not rounded to the inputs' 16 bits: a bf16 loss near 4.6 nats would be off by up to
+    2^-7 * 4 = 0.03. Against the fp64 loss of the same 16-bit inputs."""
+    h, w, _, y = _inputs((64,), 32, 100, dtype, device, scale=2.0)
+    y[::7] = -100
+    loss = linear_cross_entropy(h, w, y, impl=impl, chunk_size=16)
+    ref = F.cross_entropy(F.linear(h.double(), w.double()), y)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) <= 1e-4, (loss.item(), ref.item())

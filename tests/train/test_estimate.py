@@ -16,6 +16,7 @@ from leanfit.train.model.architectures import architecture_config
 from leanfit.train.model.lora import apply_lora
 from leanfit.train.optim import make_optimizer
 from leanfit.train.units import parse_bytes
+from tests.tiny_lm import tiny_model_dir
 
 
 def tiny_gpt2(dropout=0.1):
@@ -207,3 +208,19 @@ def test_smollm2_architecture_matches_the_gguf_metadata():
     assert (c.vocab_size, c.max_position_embeddings) == (value("llama.vocab_size"), value("llama.context_length"))
     tensor_names = {t.name for t in gguf.GGUFReader(files[0]).tensors}
     assert c.tie_word_embeddings == ("output.weight" not in tensor_names)
+
+
+def test_the_auto_loss_is_traced_as_the_path_it_takes_on_the_device():
+    """`--loss auto` (finetune's default) runs the Triton path on CUDA and the chunked path elsewhere, and the
+    estimate traces the same: on `meta` the Triton launchers allocate their buffers and record, not run, their
+    kernels."""
+    model = str(tiny_model_dir("gpt2"))
+
+    def peak(impl, kind):
+        return estimate_step(model=model, batch_size=4, block_size=32, loss_impl=impl, device_kind=kind)
+
+    assert peak("auto", "cuda").config.traced_loss == "triton"
+    assert peak("auto", "cuda").tensor_peak_bytes == peak("triton", "cuda").tensor_peak_bytes
+    assert peak("auto", "cuda").tensor_peak_bytes != peak("chunked", "cuda").tensor_peak_bytes
+    assert peak("auto", "cpu").tensor_peak_bytes == peak("chunked", "cpu").tensor_peak_bytes
+    assert TrainConfig().loss == "auto"

@@ -111,8 +111,13 @@ class StepConfig:
 
     @property
     def traced_loss(self) -> str:
-        """The loss the trace runs: the full logits (naive, hf) or the chunked loss (chunked, triton, auto)."""
-        return "naive" if self.loss_impl in ("naive", "hf") else "chunked"
+        """The loss the trace runs: the full logits (naive, hf), the Triton path's buffers (triton, and auto on
+        CUDA: its kernels are recorded, not run, on `meta`) or the chunked loss (chunked, and auto elsewhere)."""
+        if self.loss_impl in ("naive", "hf"):
+            return "naive"
+        if self.loss_impl == "triton" or (self.loss_impl == "auto" and self.device_kind == "cuda"):
+            return "triton"
+        return "chunked"
 
 
 @dataclass

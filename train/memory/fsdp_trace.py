@@ -68,7 +68,8 @@ def _trace(spec):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        module = LossModule(model, lambda m, ids, n: _loss(m, ids, n, spec.traced_loss))
+        impl = "chunked" if spec.traced_loss == "triton" else spec.traced_loss  # a CPU rank: no Triton kernels
+        module = LossModule(model, lambda m, ids, n: _loss(m, ids, n, impl))
         policy = MixedPrecisionPolicy(param_dtype=torch_dtype(spec.autocast), reduce_dtype=torch.float32) \
             if spec.autocast else MixedPrecisionPolicy()
         for block in transformer_blocks(model):

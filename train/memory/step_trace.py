@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from ...kernels.launch import record_launches
 from ..dtypes import torch_dtype
 from ..gpus import GPUS
 from ..lm_loss import causal_lm_loss
@@ -114,7 +115,10 @@ def trace_step(spec, top=5):
     mt = _PeakTracker()
     mt.skip_frozen(model)
     mt.track_external(model, *states, ids)
-    sdpa = traced_step(spec, mt, lambda: causal_lm_loss(model, ids, impl=spec.traced_loss, all_targets_valid=True), opt)
+    kernels = record_launches(keep=False) if spec.traced_loss == "triton" else contextlib.nullcontext()
+    with kernels:
+        sdpa = traced_step(spec, mt, lambda: causal_lm_loss(model, ids, impl=spec.traced_loss, all_targets_valid=True),
+                           opt)
     peak = mt.get_tracker_snapshot("peak").get(torch.device("meta"), {})
     breakdown = dict.fromkeys(("parameters", "gradients", "optimizer_state", "activations", "temporaries"), 0)
     for kind, n in peak.items():
