@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import triton
@@ -35,6 +35,7 @@ from triton.runtime.jit import create_function_from_signature
 from leanfit.kernels.launch import record_launches, shared_limit
 from leanfit.kernels.lce.chunked import LCEOptions
 from leanfit.kernels.lce.fused import lce_triton_backward, lce_triton_forward
+from leanfit.kernels.lce.hybrid import hybrid_chunk_rows, hybrid_forward
 from leanfit.kernels.lstm.config import lstm_config, lstm_variants
 from leanfit.kernels.lstm.fused import recurrence_bwd, recurrence_fwd
 
@@ -132,6 +133,10 @@ def _lce_launches(case: Case):
     bias = _meta(v, dtype=dtype) if "bias" in case.flags else None
     target = _meta(n, dtype=torch.int64)
     with record_launches() as launches:
+        if case.variant == "hybrid":
+            opts = replace(opts, chunk_size=hybrid_chunk_rows(n, width, v))
+            hybrid_forward(hidden, weight, bias, target, opts, (True, True, "db" in case.flags))
+            return launches[:1]
         _, lse = lce_triton_forward(hidden, weight, bias, target, opts, case.arch, LCE_SMS)
         lce_triton_backward(hidden, weight, bias, target, lse, _meta(n, dtype=torch.float32), opts,
                             (True, True, "db" in case.flags), case.arch)
@@ -146,6 +151,7 @@ def _lce_cases(archs):
                 if "fp32acc" in flags and dtype == "fp32":
                     continue
                 yield Case("lce", arch, dtype, width, "triton", flags)
+                yield Case("lce", arch, dtype, width, "hybrid", flags)
 
 
 _LAUNCHES = {"lstm": _lstm_launches, "lce": _lce_launches}

@@ -35,7 +35,7 @@ class TrainConfig:
     clip: float = 1.0
     optimizer: str = "adamw"
     dtype: str = "fp32"
-    loss: str = "auto"  # the Triton linear cross-entropy on CUDA, the chunked one elsewhere
+    loss: str = "auto"  # the hybrid linear cross-entropy (kernels/lce/hybrid.py) on CUDA, the chunked one elsewhere
     grad_checkpointing: bool = False
     eval_every: int = 50
     eval_blocks: int = 0  # 0: every validation block

@@ -3,10 +3,12 @@
 
 `linear_cross_entropy(h, W, y)` equals `F.cross_entropy(F.linear(h, W, b), y)` in value and in the gradients
 of `h`, `W` and `b`. `impl="chunked"` (kernels/lce/chunked.py) is plain PyTorch on any device;
-`impl="triton"` (kernels/lce/fused.py) keeps each logits tile on chip. See kernels/LCE.md.
+`impl="triton"` (kernels/lce/fused.py) keeps each logits tile on chip; `impl="hybrid"` (kernels/lce/hybrid.py)
+runs cuBLAS products around one Triton kernel per chunk of rows. See kernels/LCE.md.
 """
 
 import os
+from dataclasses import replace
 
 import torch
 
@@ -15,7 +17,7 @@ from .chunked import ChunkedLCEFunction, LCEOptions, default_chunk_size, no_auto
 __all__ = ["linear_cross_entropy", "IMPLS"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "chunked", "triton")
+IMPLS = ("auto", "chunked", "triton", "hybrid")
 ACCUMULATE = ("param", "fp32")
 
 
@@ -81,17 +83,30 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl == "auto":
-        return "triton" if device.type == "cuda" and dtype in _TRITON_DTYPES else "chunked"
-    if impl == "triton" and dtype not in _TRITON_DTYPES:
+        return "hybrid" if device.type == "cuda" and dtype in _TRITON_DTYPES else "chunked"
+    if impl in ("triton", "hybrid") and dtype not in _TRITON_DTYPES:
         raise ValueError(
-            f"linear_cross_entropy: expected a dtype in {_TRITON_DTYPES} for impl='triton', given {dtype}"
+            f"linear_cross_entropy: expected a dtype in {_TRITON_DTYPES} for impl={impl!r}, given {dtype}"
         )
-    if impl == "triton" and device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl in ("triton", "hybrid") and device.type not in ("cuda", "meta") \
+            and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            f"linear_cross_entropy: expected a CUDA tensor (or TRITON_INTERPRET=1) for impl='triton', "
+            f"linear_cross_entropy: expected a CUDA tensor (or TRITON_INTERPRET=1) for impl={impl!r}, "
             f"given a tensor on {device}"
         )
     return impl
+
+
+def _hybrid(flat_h, weight, bias, flat_t, divisor, opts, need, chunk_size):
+    """The hybrid path on the valid rows (autograd scatters d_hidden back to the ignored rows' zeros)."""
+    from .hybrid import HybridLCEFunction, hybrid_chunk_rows  # deferred: importing Triton is slow and CUDA-only
+
+    if not opts.all_targets_valid:
+        keep = (flat_t != opts.ignore_index).nonzero().squeeze(1)
+        if keep.numel() != flat_t.numel():
+            flat_h, flat_t = flat_h.index_select(0, keep), flat_t.index_select(0, keep)
+    rows = chunk_size or hybrid_chunk_rows(max(1, flat_t.numel()), weight.shape[1], weight.shape[0])
+    return HybridLCEFunction.apply(flat_h, weight, bias, flat_t, divisor, replace(opts, chunk_size=rows), need)
 
 
 def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
@@ -141,9 +156,11 @@ def linear_cross_entropy(
             so micro-batches accumulate to the full-batch mean. Not allowed with reduction="none".
         chunk_size: rows per chunk for the chunked path; default: a chunk's logits about the size of
             hidden (see `default_chunk_size`).
-        impl: "chunked" (plain PyTorch, any dtype), "triton" (fused kernel, fp32/bf16/fp16; CUDA, or
-            the interpreter with TRITON_INTERPRET=1), or "auto" (triton on CUDA, chunked otherwise or
-            for fp64).
+        impl: "chunked" (plain PyTorch, any dtype); "triton" (the fused kernel, every logits tile on chip:
+            the least memory); "hybrid" (cuBLAS products around a Triton softmax-gradient kernel per chunk of
+            rows, Liger-Kernel's design: the fastest on a GPU by LCE.md's model); both fp32/bf16/fp16 on CUDA,
+            or the interpreter with TRITON_INTERPRET=1; "auto": hybrid on CUDA, chunked otherwise or for fp64.
+            `reduction="none"` runs the chunked path in hybrid's place.
         all_targets_valid: the caller promises every target is in [0, V), none `ignore_index`; the two scans
             of the targets that need their values on the host (the range check, the ignored-row count) are
             skipped. It lets the loss run on `meta` tensors (the memory estimate) and saves a device sync.
@@ -196,9 +213,14 @@ def linear_cross_entropy(
         divisor = (flat_t != ignore_index).sum()
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
+    resolved = _resolve_impl(impl, hidden.device, hidden.dtype)
+    if resolved == "hybrid" and reduction == "none":
+        resolved = "chunked"  # per-row losses: their upstream weights come after the forward that forms grads
     fn = ChunkedLCEFunction
-    if _resolve_impl(impl, hidden.device, hidden.dtype) == "triton":
+    if resolved == "triton":
         from .fused import TritonLCEFunction as fn  # deferred: importing Triton is slow and CUDA-only
     with no_autocast(hidden.device):
+        if resolved == "hybrid":
+            return _hybrid(flat_h, weight, bias, flat_t, divisor, opts, need, chunk_size)
         out = fn.apply(flat_h, weight, bias, flat_t, divisor, opts, need)
     return out.reshape(target.shape) if reduction == "none" else out

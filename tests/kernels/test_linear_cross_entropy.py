@@ -16,7 +16,11 @@ TABLE = {
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (2e-3, 5e-3),
 }
-IMPLS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no CUDA, no interpreter"))]
+_NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="no CUDA, no interpreter")
+IMPLS = ["chunked", pytest.param("triton", marks=_NEEDS_TRITON), pytest.param("hybrid", marks=_NEEDS_TRITON)]
+# The paths whose 16-bit logits carry about 16 more bits than one 16-bit product (chunked: two products;
+# triton: tl.dot's fp32 accumulator); hybrid's are one cuBLAS product rounded to 16 bits, as Liger's are.
+EXACT_LOGIT_IMPLS = IMPLS[:2]
 
 
 def _reference(h, w, y, b=None, **kw):
@@ -73,9 +77,9 @@ SHAPES = {
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 def test_matches_reference(impl, dtype, shape, device):
-    if impl == "triton" and shape[2] > 1000 and device.type == "cpu":
+    if impl != "chunked" and shape[2] > 1000 and device.type == "cpu":
         pytest.skip("large vocab under the Triton interpreter is too slow")
-    if impl == "triton" and dtype == torch.float64:
+    if impl != "chunked" and dtype == torch.float64:
         pytest.skip("the Triton path takes fp32, bf16, fp16")
     n_shape, hdim, v, chunk = shape
     h, w, b, y = _inputs(n_shape, hdim, v, dtype, device, bias=True)
@@ -267,7 +271,7 @@ def test_bad_input_raises_value_error(case):
         linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("target"), **args)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", EXACT_LOGIT_IMPLS)
 def test_under_autocast_the_products_run_in_its_dtype_and_the_loss_in_fp32(impl, device):
     """fp32 parameters under bf16 autocast (how finetune trains): the loss equals the fp64 loss of the
     bf16-cast inputs (what `F.linear` under autocast multiplies) to fp32 precision, the gradients come back in
@@ -306,7 +310,7 @@ def test_naive_reference_against_the_formula_in_fp64(reduction):
         assert_close(name, r, g)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", EXACT_LOGIT_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_a_16_bit_input_gives_an_fp32_loss_within_1e4_of_fp64(impl, dtype, device):
     """The loss value is not rounded to the inputs' 16 bits: a bf16 loss near 4.6 nats would be off by up to
@@ -317,3 +321,19 @@ def test_a_16_bit_input_gives_an_fp32_loss_within_1e4_of_fp64(impl, dtype, devic
     ref = F.cross_entropy(F.linear(h.double(), w.double()), y)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref.item()) <= 1e-4, (loss.item(), ref.item())
+
+
+@pytest.mark.parametrize("impl", IMPLS[2:])
+def test_the_hybrid_path_under_autocast_matches_the_naive_autocast_loop(impl, device):
+    """Its logits are one product in autocast's bf16, as `F.linear` gives the naive loop under autocast, and
+    the rest of its arithmetic is fp32: the loss and the fp32 gradients match that loop's."""
+    h, w, b, y = _inputs((13,), 16, 40, torch.float32, device, bias=True, scale=3.0)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, y, bias=b, impl=impl, chunk_size=4)
+        grads = torch.autograd.grad(loss, (h, w, b))
+        naive = F.cross_entropy(F.linear(h, w, b).float(), y)
+        naive_grads = torch.autograd.grad(naive, (h, w, b))
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert_close("loss", naive, loss, dtype=torch.float32, table=TABLE)
+    for name, r, g in zip(("d_hidden", "d_weight", "d_bias"), naive_grads, grads):
+        assert_close(name, r, g, dtype=torch.bfloat16, table=TABLE)

@@ -211,16 +211,16 @@ def test_smollm2_architecture_matches_the_gguf_metadata():
 
 
 def test_the_auto_loss_is_traced_as_the_path_it_takes_on_the_device():
-    """`--loss auto` (finetune's default) runs the Triton path on CUDA and the chunked path elsewhere, and the
-    estimate traces the same: on `meta` the Triton launchers allocate their buffers and record, not run, their
-    kernels."""
+    """`--loss auto` (finetune's default) runs the hybrid path on CUDA and the chunked path elsewhere, and the
+    estimate traces the same: on `meta` the launchers allocate their buffers and record, not run, their
+    Triton kernels."""
     model = str(tiny_model_dir("gpt2"))
 
     def peak(impl, kind):
         return estimate_step(model=model, batch_size=4, block_size=32, loss_impl=impl, device_kind=kind)
 
-    assert peak("auto", "cuda").config.traced_loss == "triton"
-    assert peak("auto", "cuda").tensor_peak_bytes == peak("triton", "cuda").tensor_peak_bytes
+    assert peak("auto", "cuda").config.traced_loss == "hybrid"
+    assert peak("auto", "cuda").tensor_peak_bytes == peak("hybrid", "cuda").tensor_peak_bytes
     assert peak("auto", "cuda").tensor_peak_bytes != peak("chunked", "cuda").tensor_peak_bytes
     assert peak("auto", "cpu").tensor_peak_bytes == peak("chunked", "cpu").tensor_peak_bytes
     assert TrainConfig().loss == "auto"

@@ -111,13 +111,14 @@ class StepConfig:
 
     @property
     def traced_loss(self) -> str:
-        """The loss the trace runs: the full logits (naive, hf), the Triton path's buffers (triton, and auto on
-        CUDA: its kernels are recorded, not run, on `meta`) or the chunked loss (chunked, and auto elsewhere)."""
+        """The loss the trace runs: the full logits (naive, hf), a Triton path's buffers (triton, hybrid, and
+        auto on CUDA, which is hybrid: their kernels are recorded, not run, on `meta`) or the chunked loss
+        (chunked, and auto elsewhere)."""
         if self.loss_impl in ("naive", "hf"):
             return "naive"
-        if self.loss_impl == "triton" or (self.loss_impl == "auto" and self.device_kind == "cuda"):
-            return "triton"
-        return "chunked"
+        if self.loss_impl in ("triton", "hybrid"):
+            return self.loss_impl
+        return "hybrid" if self.loss_impl == "auto" and self.device_kind == "cuda" else "chunked"
 
 
 @dataclass

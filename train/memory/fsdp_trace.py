@@ -68,7 +68,7 @@ def _trace(spec):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        impl = "chunked" if spec.traced_loss == "triton" else spec.traced_loss  # a CPU rank: no Triton kernels
+        impl = "chunked" if spec.traced_loss in ("triton", "hybrid") else spec.traced_loss  # CPU ranks: no Triton
         module = LossModule(model, lambda m, ids, n: _loss(m, ids, n, impl))
         policy = MixedPrecisionPolicy(param_dtype=torch_dtype(spec.autocast), reduce_dtype=torch.float32) \
             if spec.autocast else MixedPrecisionPolicy()

@@ -115,7 +115,7 @@ def trace_step(spec, top=5):
     mt = _PeakTracker()
     mt.skip_frozen(model)
     mt.track_external(model, *states, ids)
-    kernels = record_launches(keep=False) if spec.traced_loss == "triton" else contextlib.nullcontext()
+    kernels = record_launches(keep=False) if spec.traced_loss in ("triton", "hybrid") else contextlib.nullcontext()
     with kernels:
         sdpa = traced_step(spec, mt, lambda: causal_lm_loss(model, ids, impl=spec.traced_loss, all_targets_valid=True),
                            opt)

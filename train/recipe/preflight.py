@@ -62,8 +62,8 @@ def check_gpu(gpu: str, device: torch.device):
 
 
 def _check_loss(loss: str, device: torch.device):
-    if loss == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"--loss triton needs a CUDA device (or TRITON_INTERPRET=1), and this run is on {device}: "
+    if loss in ("triton", "hybrid") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"--loss {loss} needs a CUDA device (or TRITON_INTERPRET=1), and this run is on {device}: "
                          f"expected --loss chunked or auto")
 
 
