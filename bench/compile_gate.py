@@ -89,6 +89,7 @@ class Row:
     spill_loads: int | None = None
     stack: int | None = None
     shared: int | None = None
+    mma: int | None = None
     shared_limit: int | None = None
     error: str | None = None
 
@@ -220,7 +221,12 @@ def _compile(launch, arch: int) -> dict:
         usage = ptxas_usage(compiled.asm["ptx"], arch)
     except Exception as exc:  # a compile failure is one of the gate's results, reported per launch
         return {"error": f"{type(exc).__name__}: {_first_line(str(exc))}"}
-    return {**usage, "shared": compiled.metadata.shared}
+    return {**usage, "shared": compiled.metadata.shared, "mma": tensor_core_ops(compiled.asm["ptx"])}
+
+
+def tensor_core_ops(ptx: str) -> int:
+    """Tensor-core instructions in the PTX: `mma.sync` (sm_75/80) and `wgmma.mma_async` (sm_90)."""
+    return len(re.findall(r"^\s*(?:mma\.sync|wgmma\.mma_async)", ptx, re.MULTILINE))
 
 
 def _first_line(text: str) -> str:
@@ -295,7 +301,7 @@ def _fmt(value) -> str:
 def format_table(rows: list[Row]) -> str:
     """Every launch, one line each, as plain text."""
     cols = ("kernel", "arch", "dtype", "width", "variant", "flags", "config", "registers", "spill_stores",
-            "spill_loads", "shared", "shared_limit", "error")
+            "spill_loads", "shared", "shared_limit", "mma", "error")
     lines = [list(cols)] + [[_fmt(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)

@@ -5,8 +5,9 @@
 binds the arguments with Triton's JIT binder and compiles each launch with `triton.compile(...,
 target=GPUTarget("cuda", arch, 32))`; `ptxas -v` on the PTX gives registers and spill bytes. It runs in a
 subprocess without TRITON_INTERPRET (conftest sets it for the interpreter tests; the interpreter has no compiler).
-Checked per launch: it compiles; its shared memory fits the architecture's per-block limit; it does not spill,
-except where `SPILL_EXCEPTIONS` says why. Compiled kernels stay in Triton's cache, so a second run takes seconds.
+Checked per launch: it compiles; its shared memory fits the architecture's per-block limit; a 16-bit matrix
+product uses tensor cores (`MATMUL_KERNELS`); it does not spill, except where `SPILL_EXCEPTIONS` says why.
+Compiled kernels stay in Triton's cache, so a second run takes seconds.
 """
 
 import json
@@ -17,6 +18,18 @@ import sys
 import pytest
 
 from bench.compile_gate import ARCHS, cases, ptxas_path
+
+# The kernels whose work is tl.dot: with 16-bit inputs each must compile to tensor-core instructions (mma.sync,
+# or wgmma on sm_90), fp16 from sm_75 on and bf16 from sm_80 (Turing has no bf16 mma), so that a config which
+# silently falls back to scalar FMA cannot land.
+MATMUL_KERNELS = ("_lce_fwd_kernel", "_lce_bwd_kernel", "_lstm_fwd_onchip_kernel", "_lstm_bwd_onchip_kernel",
+                  "_lstm_fwd_tiled_kernel", "_lstm_bwd_tiled_kernel", "_lstm_fwd_persistent_kernel",
+                  "_lstm_bwd_persistent_kernel")
+
+
+def wants_tensor_cores(row: dict) -> bool:
+    return row["kernel"] in MATMUL_KERNELS and (row["dtype"] == "fp16" or row["dtype"] == "bf16" and row["arch"] >= 80)
+
 
 # (case key, kernel) -> why the spill is accepted. Empty: nothing spills.
 SPILL_EXCEPTIONS: dict[tuple[str, str], str] = {}
@@ -57,6 +70,8 @@ def test_kernel_compiles_fits_and_does_not_spill(case, rows):
         assert r["shared"] <= r["shared_limit"], (
             f"{where}: needs {r['shared']} B of shared memory, sm_{r['arch']} allows {r['shared_limit']} B per block"
         )
+        if wants_tensor_cores(r):
+            assert r["mma"], f"{where}: a 16-bit matrix product without tensor-core instructions (no mma in the PTX)"
         if (case.key, r["kernel"]) in SPILL_EXCEPTIONS:
             continue
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (
