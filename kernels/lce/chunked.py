@@ -60,15 +60,17 @@ CHUNK_LOGITS_OF_W = 1 / 32
 MIN_CAPPED_ROWS = 32
 
 
-def default_chunk_size(n_rows: int, hidden: int, vocab: int, weight_bytes: int = 4) -> int:
+def default_chunk_size(n_rows: int, hidden: int, vocab: int, weight_bytes: int = 4, cuda: bool = False) -> int:
     """Rows per chunk so that a chunk's (C, V) logits take about as many elements as the (N, H) hidden,
     but at least `MIN_CHUNK_ROWS`: each chunk reads and writes the whole dW (V, H), so a thinner chunk
-    turns the weight-gradient product into memory traffic (2 C FLOPs per 8 bytes). For 16-bit weights
-    (`weight_bytes` < 4) memory comes first: the chunk's fp32 logits stay within `CHUNK_LOGITS_OF_W` of
-    W's bytes, which at a large vocabulary (Gemma-2: H=2304, V=256,000) means 32 rows, not 256."""
+    turns the weight-gradient product into memory traffic (2 C FLOPs per 8 bytes). On the CPU, for 16-bit
+    weights (`weight_bytes` < 4) memory comes first: the chunk's fp32 logits stay within `CHUNK_LOGITS_OF_W`
+    of W's bytes, which at a large vocabulary (Gemma-2: H=2304, V=256,000) means 32 rows, not 256. On CUDA
+    speed comes first: 32-row chunks made the dW product of the first GPU run 15-57x slower than the naive
+    loop (LCE.md, "Time and memory model")."""
     rows = max(1, math.ceil(n_rows * hidden / vocab))
     rows = max(1 << (rows - 1).bit_length(), MIN_CHUNK_ROWS)
-    if weight_bytes < 4:
+    if weight_bytes < 4 and not cuda:
         cap = max(MIN_CAPPED_ROWS, int(hidden * weight_bytes * CHUNK_LOGITS_OF_W / 4))
         rows = min(rows, 1 << (cap.bit_length() - 1))
     return max(1, min(n_rows, rows))
@@ -139,8 +141,10 @@ def _logit_grad_(
     return p
 
 
-# A 16-bit dW takes each chunk's product g^T h in fp32 slices of this fraction of its rows, rounded once when
-# added: the fp32 slice is 1/32 of W's bytes, and g is not rounded to 16 bits first.
+# On the CPU a 16-bit dW takes each chunk's product g^T h in fp32 slices of this fraction of its rows, rounded
+# once when added: the fp32 slice is 1/32 of W's bytes, and g is not rounded to 16 bits first. On CUDA it is one
+# 16-bit product per chunk (g rounded to 16 bits, fp32 accumulation, one rounding when added, as Liger does):
+# the 64 slices of each chunk were a launch storm there.
 DW_SLICE_OF_W = 1 / 64
 
 
@@ -157,6 +161,9 @@ def _accumulate_grads(
     if dh_out is not None:
         torch.mm(g if g.dtype == weight.dtype else g.to(weight.dtype), weight, out=dh_out)
     if dw is None:
+        return
+    if dw.dtype == h.dtype and h.is_cuda:
+        dw.addmm_(g.to(h.dtype).t(), h)
         return
     h_acc = h if h.dtype == g.dtype else h.to(g.dtype)
     if dw.dtype == g.dtype:

@@ -202,7 +202,7 @@ def linear_cross_entropy(
         reduction=reduction,
         label_smoothing=float(label_smoothing),
         softcap=None if softcap is None else float(softcap),
-        chunk_size=chunk_size or default_chunk_size(max(n, 1), width, vocab, weight.element_size()),
+        chunk_size=chunk_size or default_chunk_size(max(n, 1), width, vocab, weight.element_size(), hidden.is_cuda),
         all_targets_valid=bool(all_targets_valid),
         accumulate=accumulate,
     )
