@@ -15,7 +15,7 @@ from leanfit.train.recipe import finetune
 from leanfit.train.recipe.context import Hooks
 from leanfit.train.recipe.finetune import run
 from leanfit.train.recipe.outputs import WRITERS
-from leanfit.train.step import accumulate_gradients, lr_factor, make_loss_fn
+from leanfit.train.step import accumulate_gradients, lr_factor, make_loss_fn, validation_loss
 from leanfit.train.units import CUDA_CONTEXT_BYTES
 from tests.fake_cuda import H100_TOTAL_BYTES
 from tests.fake_cuda import install as install_fake_cuda
@@ -100,6 +100,28 @@ def test_uneven_accumulation_with_ignored_labels_equals_the_full_batch_mean(spli
     assert_close("loss", ref.float(), loss, table=GRAD_TOL)
     for name, p in model.named_parameters():
         assert_close(f"grad {name}", ref_grads[name], p.grad, table=GRAD_TOL)
+
+
+def dropout_model_and_blocks(kind="gpt2", n=5, t=12):
+    """A tiny model with dropout 0.5, in train mode, and (n, t+1) token blocks; their fp64 mean token loss in
+    eval mode, computed explicitly."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(kind, dropout=0.5))
+    torch.manual_seed(5)
+    blocks = torch.randint(0, model.config.vocab_size, (n, t + 1))
+    with torch.no_grad():
+        logits = model.eval()(blocks[:, :-1]).logits
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), blocks[:, 1:].reshape(-1))
+    return model.train(), blocks, ref
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_validation_loss_on_a_model_with_dropout_is_the_eval_mode_loss(kind):
+    model, blocks, ref = dropout_model_and_blocks(kind)
+    loss = validation_loss(model, blocks, 2, make_loss_fn("chunked"))
+    assert_close("validation loss", ref.float(), torch.tensor(loss), table=GRAD_TOL)
+    assert model.training, "validation puts the model back in train mode"
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     config = TrainConfig(iters=20, warmup=4, min_lr_ratio=0.1)
