@@ -88,6 +88,22 @@ def test_vocabulary_split_forward_matches_reference(device):
     assert lce_fwd_config(n, v, h.dtype, None, 64, True, 3.0)[0].grid[1] > 1
 
 
+def _dead_columns_head(n, v, live, device, hdim=16):
+    """fp32 (h, W, b, y) whose columns `live..` have a bias of -30 (softmax about 1e-13); targets below `live`."""
+    h = torch.randn(n, hdim, device=device)
+    w = torch.randn(v, hdim, device=device) / hdim**0.5
+    b = torch.zeros(v, device=device)
+    b[live:] = -30.0
+    return h, w, b, torch.randint(0, live, (n,), device=device)
+
+
+def _exact_grads(h, w, b, y, scale):
+    """fp64 gradients of sum(scale * per-row loss) for hidden, weight and bias."""
+    hr, wr, br = (t.double().requires_grad_() for t in (h, w, b))
+    per_row = naive_linear_cross_entropy(hr, wr, y, bias=br, reduction="none")
+    return torch.autograd.grad(per_row, (hr, wr, br), scale.double())
+
+
 @needs_triton
 def test_gradient_filter_skips_negligible_tiles_within_its_bound(device):
     """Columns 64.. get a bias of -30 (softmax about 1e-13, below fp32's threshold 2^-28): their tiles are
@@ -95,12 +111,8 @@ def test_gradient_filter_skips_negligible_tiles_within_its_bound(device):
     the sum of the other factor's magnitudes over the skipped entries."""
     from leanfit.kernels.lce.fused import filter_threshold, lce_triton_backward, lce_triton_forward
 
-    n, hdim, v, live = 32, 16, 256, 64
-    h = torch.randn(n, hdim, device=device)
-    w = torch.randn(v, hdim, device=device) / hdim**0.5
-    b = torch.zeros(v, device=device)
-    b[live:] = -30.0
-    y = torch.randint(0, live, (n,), device=device)
+    n, v, live = 32, 256, 64
+    h, w, b, y = _dead_columns_head(n, v, live, device)
     opts = _options()
     _, lse = lce_triton_forward(h, w, b, y, opts)
     scale = torch.rand(n, device=device) + 0.5
@@ -114,9 +126,7 @@ def test_gradient_filter_skips_negligible_tiles_within_its_bound(device):
     dw_bound = eps * (scale[:, None] * h.abs()).sum(0)[None, :]
     assert torch.all((filtered[0] - kept[0]).abs() <= dh_bound * 1.01 + 1e-7)
     assert torch.all((filtered[1] - kept[1]).abs() <= dw_bound * 1.01 + 1e-7)
-    hr, wr, br = (t.double().requires_grad_() for t in (h, w, b))
-    per_row = naive_linear_cross_entropy(hr, wr, y, bias=br, reduction="none")
-    exact = torch.autograd.grad(per_row, (hr, wr, br), scale.double())
+    exact = _exact_grads(h, w, b, y, scale)
     for name, r, k, f in zip(("d_hidden", "d_weight", "d_bias"), exact, kept, filtered):
         assert_close(f"{name} unfiltered", r, k, dtype=torch.float32)
         assert_close(f"{name} filtered", r, f, dtype=torch.float32)
@@ -175,23 +185,18 @@ def test_gradient_filter_keeps_a_tile_whose_only_large_entries_are_negative(devi
     fp64."""
     from leanfit.kernels.lce.fused import lce_triton_backward, lce_triton_forward
 
-    n, hdim, v, live = 32, 16, 256, 64
-    h = torch.randn(n, hdim, device=device)
-    w = torch.randn(v, hdim, device=device) / hdim**0.5
-    b = torch.zeros(v, device=device)
-    b[live:] = -30.0
-    y = torch.randint(0, live, (n,), device=device)
+    n, v, live = 32, 256, 64
+    h, w, b, y = _dead_columns_head(n, v, live, device)
     y[::2] = live + torch.randint(0, live, (n // 2,), device=device)
     opts = _options()
     _, lse = lce_triton_forward(h, w, b, y, opts)
     scale = torch.rand(n, device=device) + 0.5
     got = lce_triton_backward(h, w, b, y, lse, scale, opts, (True, True, True))
-    hr, wr, br = (t.double().requires_grad_() for t in (h, w, b))
-    per_row = naive_linear_cross_entropy(hr, wr, y, bias=br, reduction="none")
-    exact = torch.autograd.grad(per_row, (hr, wr, br), scale.double())
+    exact = _exact_grads(h, w, b, y, scale)
     assert torch.count_nonzero(got[1][live : 2 * live]) > 0
     for name, r, g in zip(("d_hidden", "d_weight", "d_bias"), exact, got):
         assert_close(f"{name} with negative-only tiles", r, g, dtype=torch.float32)
+
 
 GEMMA2_HEAD = (2304, 256000)
 
