@@ -6,8 +6,9 @@ binds the arguments with Triton's JIT binder and compiles each launch with `trit
 target=GPUTarget("cuda", arch, 32))`; `ptxas -v` on the PTX gives registers and spill bytes. It runs in a
 subprocess without TRITON_INTERPRET (conftest sets it for the interpreter tests; the interpreter has no compiler).
 Checked per launch: it compiles; its shared memory fits the architecture's per-block limit; a 16-bit matrix
-product uses tensor cores (`MATMUL_KERNELS`); it does not spill, except where `SPILL_EXCEPTIONS` says why.
-Compiled kernels stay in Triton's cache, so a second run takes seconds.
+product uses tensor cores (`MATMUL_KERNELS`); it does not spill, except where `SPILL_EXCEPTIONS` says why. For a
+handful of launches the PTX is read too: fp32 dots compile without TF32 (no `tf32` MMA and no `cvt.rna.tf32`),
+which the interpreter cannot show. Compiled kernels stay in Triton's cache, so a second run takes seconds.
 """
 
 import json
@@ -79,3 +80,53 @@ def test_kernel_compiles_fits_and_does_not_spill(case, rows):
             f"with {r['registers']} registers"
         )
 
+
+
+# Compiles the named gate cases (and one fp32 launch forced to TF32, which must show it) and prints, per launch,
+# whether its PTX mentions tf32 and whether it uses MMA.
+PTX_SCRIPT = """
+import dataclasses, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bench.compile_gate import _LAUNCHES, _bind, cases
+
+def ptx(launch, arch):
+    signature, constexprs, attrs, options = _bind(launch, arch)
+    src = ASTSource(launch.kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__).asm["ptx"]
+
+def facts(text):
+    return {"tf32": "tf32" in text, "mma": "mma" in text}
+
+wanted, out = set(sys.argv[1].split(",")), {}
+for case in cases():
+    if case.key not in wanted:
+        continue
+    for launch in _LAUNCHES[case.op](case):
+        out[f"{case.key}/{launch.kernel.fn.__name__}"] = facts(ptx(launch, case.arch))
+        if case.key == sys.argv[2] and "PRECISION" in launch.kwargs and "fwd" in launch.kernel.fn.__name__:
+            forced = dataclasses.replace(launch, kwargs={**launch.kwargs, "PRECISION": "tf32"})
+            out["forced-tf32"] = facts(ptx(forced, case.arch))
+print(json.dumps(out))
+"""
+FP32_PTX_CASES = ("lstm-sm80-fp32-H64-tiled-plain", "lstm-sm90-fp32-H32-onchip-recompute",
+                  "lce-sm90-fp32-H576-triton-plain")
+BF16_PTX_CASE = "lstm-sm80-bf16-H256-tiled-plain"
+
+
+def test_fp32_dots_compile_without_tf32():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    keys = ",".join((*FP32_PTX_CASES, BF16_PTX_CASE))
+    proc = subprocess.run([sys.executable, "-c", PTX_SCRIPT, keys, FP32_PTX_CASES[0]], env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert facts.pop("forced-tf32") == {"tf32": True, "mma": True}, "a TF32 dot shows in the PTX"
+    for case in FP32_PTX_CASES:
+        launches = {k: v for k, v in facts.items() if k.startswith(case + "/")}
+        assert len(launches) == 2, (case, sorted(facts))
+        for name, f in launches.items():
+            assert not f["tf32"], f"{name}: an fp32 dot compiled to TF32"
+    bf16 = [f for k, f in facts.items() if k.startswith(BF16_PTX_CASE + "/")]
+    assert len(bf16) == 2 and all(f["mma"] and not f["tf32"] for f in bf16), bf16

@@ -88,6 +88,22 @@ def test_vocabulary_split_forward_matches_reference(device):
     assert lce_fwd_config(n, v, h.dtype, None, 64, True, 3.0)[0].grid[1] > 1
 
 
+def _dead_columns_head(n, v, live, device, hdim=16):
+    """fp32 (h, W, b, y) whose columns `live..` have a bias of -30 (softmax about 1e-13); targets below `live`."""
+    h = torch.randn(n, hdim, device=device)
+    w = torch.randn(v, hdim, device=device) / hdim**0.5
+    b = torch.zeros(v, device=device)
+    b[live:] = -30.0
+    return h, w, b, torch.randint(0, live, (n,), device=device)
+
+
+def _exact_grads(h, w, b, y, scale):
+    """fp64 gradients of sum(scale * per-row loss) for hidden, weight and bias."""
+    hr, wr, br = (t.double().requires_grad_() for t in (h, w, b))
+    per_row = naive_linear_cross_entropy(hr, wr, y, bias=br, reduction="none")
+    return torch.autograd.grad(per_row, (hr, wr, br), scale.double())
+
+
 @needs_triton
 def test_gradient_filter_skips_negligible_tiles_within_its_bound(device):
     """Columns 64.. get a bias of -30 (softmax about 1e-13, below fp32's threshold 2^-23 / 256): their tiles are
@@ -95,12 +111,8 @@ def test_gradient_filter_skips_negligible_tiles_within_its_bound(device):
     the sum of the other factor's magnitudes over the skipped entries."""
     from leanfit.kernels.lce.fused import filter_threshold, lce_triton_backward, lce_triton_forward
 
-    n, hdim, v, live = 32, 16, 256, 64
-    h = torch.randn(n, hdim, device=device)
-    w = torch.randn(v, hdim, device=device) / hdim**0.5
-    b = torch.zeros(v, device=device)
-    b[live:] = -30.0
-    y = torch.randint(0, live, (n,), device=device)
+    n, v, live = 32, 256, 64
+    h, w, b, y = _dead_columns_head(n, v, live, device)
     opts = _options()
     _, lse = lce_triton_forward(h, w, b, y, opts)
     scale = torch.rand(n, device=device) + 0.5
@@ -114,12 +126,76 @@ def test_gradient_filter_skips_negligible_tiles_within_its_bound(device):
     dw_bound = eps * (scale[:, None] * h.abs()).sum(0)[None, :]
     assert torch.all((filtered[0] - kept[0]).abs() <= dh_bound * 1.01 + 1e-7)
     assert torch.all((filtered[1] - kept[1]).abs() <= dw_bound * 1.01 + 1e-7)
-    hr, wr, br = (t.double().requires_grad_() for t in (h, w, b))
-    per_row = naive_linear_cross_entropy(hr, wr, y, bias=br, reduction="none")
-    exact = torch.autograd.grad(per_row, (hr, wr, br), scale.double())
+    exact = _exact_grads(h, w, b, y, scale)
     for name, r, k, f in zip(("d_hidden", "d_weight", "d_bias"), exact, kept, filtered):
         assert_close(f"{name} unfiltered", r, k, dtype=torch.float32)
         assert_close(f"{name} filtered", r, f, dtype=torch.float32)
+
+
+def test_param_accumulation_rounds_after_the_product():
+    """One chunk: each dW element is the fp32 product g^T h rounded once to bf16, so it is within bf16's unit
+    roundoff 2^-8 of the fp64 value (plus the fp32 product's own error); rounding g to bf16 before the product
+    misses that bound on about one element in six."""
+    n, hdim, v = 64, 32, 512
+    h, w, y = _trained_like(n, hdim, v, "cpu")
+    w64 = w.double().requires_grad_()
+    naive_linear_cross_entropy(h.double(), w64, y).backward()
+    weight = w.clone().requires_grad_()
+    linear_cross_entropy(h, weight, y, impl="chunked", chunk_size=n, accumulate="param").backward()
+    assert weight.grad.dtype == torch.bfloat16
+    ref = w64.grad
+    bound = 2.0**-8 * ref.abs() + 2.0**-20 * ref.abs().max()
+    err = (weight.grad.double() - ref).abs()
+    assert torch.all(err <= bound), f"{int((err > bound).sum())} of {err.numel()} dW elements over the bound"
+
+
+# Columns 64.. get a bias of -7.3: their softmax is about 1e-5 (logits within +-0.15 of the bias), between fp16's
+# threshold at V = 256, 2^-10 / 256 = 2^-18 = 3.8e-6, and bf16's, 2^-7 / 256 = 2^-15 = 3.1e-5, so fp32 and fp16
+# keep those tiles and bf16 skips them.
+FILTER_KEEPS = {torch.float32: True, torch.float16: True, torch.bfloat16: False}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", FILTER_KEEPS, ids=["fp32", "fp16", "bf16"])
+def test_gradient_filter_threshold_follows_the_dtype(dtype, device):
+    from leanfit.kernels.lce.fused import filter_threshold, lce_triton_backward, lce_triton_forward
+
+    assert filter_threshold(dtype, 256) == {torch.float32: 2.0**-31, torch.float16: 2.0**-18,
+                                            torch.bfloat16: 2.0**-15}[dtype]
+    n, hdim, v, live = 32, 16, 256, 64
+    h = torch.randn(n, hdim, device=device).to(dtype)
+    w = (0.02 * torch.randn(v, hdim, device=device)).to(dtype)
+    b = torch.zeros(v, device=device, dtype=dtype)
+    b[live:] = -7.3
+    y = torch.randint(0, live, (n,), device=device)
+    opts = _options()
+    _, lse = lce_triton_forward(h, w, b, y, opts)
+    softmax = torch.exp(F.linear(h.float(), w.float(), b.float())[:, live:] - lse[:, None])
+    assert 2.0**-18 < softmax.min() and softmax.max() < 2.0**-15
+    _, dw, db = lce_triton_backward(h, w, b, y, lse, torch.ones(n, device=device), opts, (False, True, True))
+    kept = bool(torch.count_nonzero(dw[live:])) and bool(torch.count_nonzero(db[live:]))
+    assert kept == FILTER_KEEPS[dtype], f"{dtype}: tiles with |dloss/dz| about 1e-5 kept={kept}"
+    assert torch.count_nonzero(dw[:live]) > 0
+
+
+@needs_triton
+def test_gradient_filter_keeps_a_tile_whose_only_large_entries_are_negative(device):
+    """Targets in columns 64..127 whose logits are about -30: in that tile every dloss/dz is about 1e-13 except
+    the target terms p - 1, about -1. The filter looks at |dloss/dz|, so the tile is kept and the gradients match
+    fp64."""
+    from leanfit.kernels.lce.fused import lce_triton_backward, lce_triton_forward
+
+    n, v, live = 32, 256, 64
+    h, w, b, y = _dead_columns_head(n, v, live, device)
+    y[::2] = live + torch.randint(0, live, (n // 2,), device=device)
+    opts = _options()
+    _, lse = lce_triton_forward(h, w, b, y, opts)
+    scale = torch.rand(n, device=device) + 0.5
+    got = lce_triton_backward(h, w, b, y, lse, scale, opts, (True, True, True))
+    exact = _exact_grads(h, w, b, y, scale)
+    assert torch.count_nonzero(got[1][live : 2 * live]) > 0
+    for name, r, g in zip(("d_hidden", "d_weight", "d_bias"), exact, got):
+        assert_close(f"{name} with negative-only tiles", r, g, dtype=torch.float32)
 
 
 GEMMA2_HEAD = (2304, 256000)

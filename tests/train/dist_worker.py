@@ -76,3 +76,41 @@ def worker(rank: int, world: int, port: int, out: str):
     (Path(out) / f"memory-rank{rank}.json").write_text(json.dumps({str(getattr(k, "value", k)): v
                                                                    for k, v in peak.items()}))
     dist.destroy_process_group()
+
+
+def labelled_loss(model, blocks, num_items):  # blocks (B, T): token ids, -100 where the label is ignored
+    return causal_lm_loss(model, blocks.clamp(min=0), labels=blocks, impl="chunked", reduction="sum",
+                          num_items=num_items)
+
+
+# Rows of each rank's micro-batches out of a global batch of 6 sequences, and the labels each ignores: the ranks
+# hold different numbers of target tokens, and so do their micro-batches.
+UNEVEN_SPLITS = {0: (1, 2), 1: (2, 1)}
+
+
+def uneven_batch() -> torch.Tensor:  # (6, T), -100 where the label is ignored
+    blocks = global_batch(3)
+    blocks[0, 4:] = -100
+    blocks[3, 10:] = -100
+    blocks[4, 2:20] = -100
+    return blocks
+
+
+def ddp_accumulation_worker(rank: int, world: int, port: int, out: str):
+    """DDP, two micro-batches per rank of uneven sizes and target counts, as the finetune step runs them; rank 0
+    writes the averaged gradients (`ddp-grads.safetensors`)."""
+    from leanfit.train.step import accumulate_gradients, target_count
+
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    par = Parallel(kind="ddp", rank=rank, world_size=world, device=torch.device("cpu"))
+    module, call = par.wrap(build_model(), labelled_loss, SimpleNamespace(seed=0, dtype="fp32"))
+    rows = uneven_batch()[3 * rank: 3 * (rank + 1)]
+    micro = list(torch.split(rows, UNEVEN_SPLITS[rank]))
+    count = par.global_count(target_count(micro))
+    accumulate_gradients(module, micro, call, num_items=par.loss_divisor(count), no_sync=par.no_sync(module))
+    if rank == 0:
+        grads = {name: p.grad.contiguous() for name, p in module.module.model.named_parameters()}
+        save_file(grads, str(Path(out) / "ddp-grads.safetensors"))
+    dist.destroy_process_group()

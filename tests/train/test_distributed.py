@@ -200,6 +200,21 @@ def _states(peak: dict) -> int:
     return sum(v for k, v in peak.items() if k in ("Parameter", "Optstate", "Sharded Param", "OptState"))
 
 
+@pytest.mark.slow  # two gloo ranks: about 20 s
+def test_ddp_uneven_micro_batches_with_ignored_labels_equal_the_full_batch_mean(tmp_path, monkeypatch):
+    """2 ranks x 2 micro-batches of 1 and 2 sequences, with different numbers of -100 labels on every rank and in
+    every micro-batch: the averaged gradient is that of the global batch's mean token loss (fp64, one process)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.spawn(dist_worker.ddp_accumulation_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    model = dist_worker.build_model().double()
+    blocks = dist_worker.uneven_batch()
+    logits = model(blocks.clamp(min=0)[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).backward()
+    grads = load_file(tmp_path / "ddp-grads.safetensors")
+    assert grads.keys() == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        assert_close(f"DDP grad {name}", p.grad, grads[name], dtype=torch.float32, table=GRAD_TOL)
+
 def test_fsdp2_gradients_and_per_rank_memory_against_one_process_and_the_estimate(tmp_path, monkeypatch):
     """The gathered FSDP2 gradients (tied embedding: embedding and head summed) equal the fp64 one-process ones;
     each rank's tracked states are half the one-process ones, and the estimate predicts its peak within 10%."""

@@ -25,6 +25,7 @@ from leanfit.train.evaluation.probe import (
     classify_word_start,
     heldout_contexts,
 )
+from tests.train.test_finetune import dropout_model_and_blocks
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +320,13 @@ def test_cli_corpus_too_short(tiny_dir, tmp_path, capsys):
 def test_cli_bad_numbers(capsys, flag, value):
     code, _, err = _cli(capsys, flag, value)
     _assert_one_line_error(code, err, flag)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_perplexity_of_a_model_with_dropout_is_the_eval_mode_one(kind):
+    model, blocks, ref = dropout_model_and_blocks(kind)
+    total, count = block_nll(model, blocks, batch_size=2)
+    assert count == blocks[:, 1:].numel()
+    assert math.isclose(total / count, ref.item(), rel_tol=1e-5)
+    assert math.isclose(perplexity(model, blocks, batch_size=2), math.exp(ref.item()), rel_tol=1e-5)
+    assert model.training, "evaluation puts the model back in train mode"

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 
 from leanfit.train.commands.finetune import main
 from leanfit.train.config import TrainConfig
+from leanfit.train.lm_loss import causal_lm_loss
 from leanfit.train.model.loading import load_model
 from leanfit.train.recipe import finetune
 from leanfit.train.recipe.context import Hooks
 from leanfit.train.recipe.finetune import run
 from leanfit.train.recipe.outputs import WRITERS
-from leanfit.train.step import accumulate_gradients, lr_factor, make_loss_fn
+from leanfit.train.step import accumulate_gradients, lr_factor, make_loss_fn, validation_loss
 from leanfit.train.units import CUDA_CONTEXT_BYTES
 from tests.fake_cuda import H100_TOTAL_BYTES
 from tests.fake_cuda import install as install_fake_cuda
@@ -62,6 +63,65 @@ def test_accumulation_2x2_equals_1x4_and_the_full_batch_mean(kind, impl, device)
         assert_close(f"grad 2x2 {name}", g_1x4[name], g_2x2[name], table=GRAD_TOL)
         assert_close(f"grad 4x1 {name}", g_1x4[name], g_4x1[name], table=GRAD_TOL)
 
+
+
+def labelled_loss(model, blocks, num_items):  # blocks (B, T): token ids, -100 where the label is ignored
+    return causal_lm_loss(model, blocks.clamp(min=0), labels=blocks, impl="chunked", reduction="sum",
+                          num_items=num_items)
+
+
+def ignoring_blocks(blocks):
+    """`blocks` with -100 labels in uneven amounts: row 0 keeps 2 of its 12 targets, row 2 loses 4, row 3 2."""
+    blocks = blocks.clone()
+    blocks[0, 3:] = -100
+    blocks[2, 5:9] = -100
+    blocks[3, -2:] = -100
+    return blocks
+
+
+def full_batch_grads(model, blocks):
+    """The fp64 mean token loss of `blocks` as one batch, and the gradients it gives."""
+    model.zero_grad(set_to_none=True)
+    logits = model(blocks.clamp(min=0)[:, :-1]).logits
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), blocks[:, 1:].reshape(-1))
+    ref.backward()
+    return ref, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("split", [(1, 3), (3, 1), (2, 1, 1)], ids=["1+3", "3+1", "2+1+1"])
+def test_uneven_accumulation_with_ignored_labels_equals_the_full_batch_mean(split, device):
+    """Micro-batches of different sizes and different counts of -100 labels: each summed loss is divided by the
+    step's count of target tokens, not by the number of micro-batches or by the first one's count."""
+    model, blocks = model_and_blocks("llama", device)
+    blocks = ignoring_blocks(blocks)
+    ref, ref_grads = full_batch_grads(model, blocks)
+    model.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(model, list(torch.split(blocks, split)), labelled_loss)
+    assert_close("loss", ref.float(), loss, table=GRAD_TOL)
+    for name, p in model.named_parameters():
+        assert_close(f"grad {name}", ref_grads[name], p.grad, table=GRAD_TOL)
+
+
+def dropout_model_and_blocks(kind="gpt2", n=5, t=12):
+    """A tiny model with dropout 0.5, in train mode, and (n, t+1) token blocks; their fp64 mean token loss in
+    eval mode, computed explicitly."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(kind, dropout=0.5))
+    torch.manual_seed(5)
+    blocks = torch.randint(0, model.config.vocab_size, (n, t + 1))
+    with torch.no_grad():
+        logits = model.eval()(blocks[:, :-1]).logits
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), blocks[:, 1:].reshape(-1))
+    return model.train(), blocks, ref
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_validation_loss_on_a_model_with_dropout_is_the_eval_mode_loss(kind):
+    model, blocks, ref = dropout_model_and_blocks(kind)
+    loss = validation_loss(model, blocks, 2, make_loss_fn("chunked"))
+    assert_close("validation loss", ref.float(), torch.tensor(loss), table=GRAD_TOL)
+    assert model.training, "validation puts the model back in train mode"
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     config = TrainConfig(iters=20, warmup=4, min_lr_ratio=0.1)
