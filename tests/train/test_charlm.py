@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from leanfit.train.charlm.data import build_vocab, make_streams
 from leanfit.train.charlm.loop import sample
 from leanfit.train.charlm.model import CharLM, ModelShape
+from leanfit.train.charlm.outputs import run as run_lstm
 from leanfit.train.commands import lstm as cli
 from leanfit.train.data import DEFAULT_CORPUS, read_corpus
 from tests.helpers import HAS_TRITON, TRITON_DEVICE, assert_close
@@ -223,3 +224,20 @@ def test_top_k_1_sampling_is_greedy_decoding_of_the_whole_prefix():
             logits = F.linear(model(torch.tensor([ids]))[0][-1, 0], model.head.weight, model.head.bias)
             ids.append(int(logits.argmax()))
     assert text == vocab.decode(ids)
+
+
+def test_ctrl_c_stops_after_the_step_and_a_resume_finishes_the_run(tmp_path, corpus, prompts, capsys):
+    out = tmp_path / "run"
+    config, flags, _, _ = cli.parse(_argv(out, corpus, prompts, "--save-every", "100"))
+
+    def interrupt(run, record):
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    s = run_lstm(config, flags=flags, on_step=interrupt)
+    assert s["status"] == "interrupted" and s["steps"] == 3
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003"]
+    assert "interrupt: saving" in capsys.readouterr().err
+    assert not (out / "samples.md").exists() and (out / "report.md").is_file()
+    assert cli.main(["--resume", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 6

@@ -8,9 +8,13 @@ checkpoint unit every `save_every` steps (checkpointing/checkpoint.py) that hold
 the schedule, the carried state and the RNG, so a resumed run takes the same steps as an uninterrupted one.
 """
 
+import contextlib
 import hashlib
 import json
 import math
+import signal
+import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -57,6 +61,7 @@ class Run:
     resume_state: dict | None = None
     profiler: object = None
     status: str = "running"
+    stop_requested: bool = False
     started: float = field(default_factory=time.time)
 
     def autocast(self):
@@ -246,18 +251,45 @@ def sample(model: CharLM, vocab: Vocab, prompt: str, length: int, temperature: f
     return vocab.decode(out)
 
 
-def train(run: Run, save, on_step=print):
-    """Steps to `config.iters`: validation every `eval_every` steps, `save(run)` every `save_every` and at the end."""
+@contextlib.contextmanager
+def stop_signals(run: Run):
+    """The first Ctrl-C (or a SIGTERM) asks the loop to stop after the current step; a second Ctrl-C aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if run.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+        print("\ninterrupt: saving a checkpoint and the reports after this step (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def train(run: Run, save, on_step=print) -> str:
+    """Steps to `config.iters`: validation every `eval_every` steps, `save(run)` every `save_every` and at the end.
+    Returns "complete", or "interrupted" when a signal asked it to stop (after a step, saved)."""
     c = run.config
-    while run.step < c.iters:
-        profile = run.profiler is not None and len(run.profiler.steps) < c.profile_steps
-        with run.profiler.step(run.step) if profile else _Null():
-            record = train_step(run, profile)
-        if profile and len(run.profiler.steps) == c.profile_steps:
-            run.profiler.close()
-        run.metrics.append(record)
-        if run.step % c.eval_every == 0 or run.step == c.iters:
-            run.metrics.append(eval_record(run))
-        on_step(run, record)
-        if run.step % c.save_every == 0 or run.step == c.iters:
-            save(run)
+    with stop_signals(run):
+        while run.step < c.iters:
+            profile = run.profiler is not None and len(run.profiler.steps) < c.profile_steps
+            with run.profiler.step(run.step) if profile else _Null():
+                record = train_step(run, profile)
+            if profile and len(run.profiler.steps) == c.profile_steps:
+                run.profiler.close()
+            run.metrics.append(record)
+            if run.step % c.eval_every == 0 or run.step == c.iters:
+                run.metrics.append(eval_record(run))
+            on_step(run, record)
+            if run.step % c.save_every == 0 or run.step == c.iters or run.stop_requested:
+                save(run)
+            if run.stop_requested:
+                return "interrupted"
+    return "complete"

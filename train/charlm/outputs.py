@@ -143,7 +143,8 @@ def _save(run: Run):
 def run(config: LSTMConfig, overwrite: bool = False, resume: str | None = None, flags: dict | None = None,
         on_step=None) -> dict:
     """Checks, trains, writes every file; returns `summary`. ValueError (before anything is written) for bad
-    input. Ctrl-C saves a unit and the files of an interrupted run."""
+    input. Ctrl-C (or SIGTERM) stops after the current step and saves a unit and the files of an interrupted run
+    (no samples)."""
     r = prepare(config, overwrite, resume, flags)
     if resume is None and overwrite and r.out.is_dir():
         clear_outputs(r.out)
@@ -155,14 +156,8 @@ def run(config: LSTMConfig, overwrite: bool = False, resume: str | None = None, 
     if r.resume_state is None:
         write_run_json(r)
     r.profiler = MemoryProfiler(r.model, r.optimizer, r.device, out_dir=str(r.out))
-    try:
-        train(r, _save, on_step or (lambda run, record: None))
-    except KeyboardInterrupt:
-        r.status = "interrupted"
-        for writer in (write_unit, write_metrics, write_loss_plot, write_run_json, write_memory, write_report):
-            writer(r)
-        return summary(r)
-    r.status = "complete"
-    for writer in WRITERS[1:]:
+    r.status = train(r, _save, on_step or (lambda run, record: None))
+    writers = WRITERS[1:] if r.status == "complete" else (write_loss_plot, write_run_json, write_memory, write_report)
+    for writer in writers:
         writer(r)
     return summary(r)
