@@ -12,9 +12,6 @@ import contextlib
 import hashlib
 import json
 import math
-import signal
-import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,7 +24,7 @@ from ..checkpointing.checkpoint import latest_unit
 from ..data import DEFAULT_CORPUS, read_corpus
 from ..devices import resolve_device
 from ..optim import make_optimizer
-from ..step import lr_factor
+from ..step import lr_factor, no_interrupt, stop_signals
 from .config import DEFAULT_PROMPTS, LSTMConfig, from_dict, validate
 from .data import Streams, Vocab, build_vocab, make_streams, split_ids, unigram_bits
 from .model import WEIGHTS, CharLM, ModelShape, resolve_backend
@@ -62,6 +59,8 @@ class Run:
     profiler: object = None
     status: str = "running"
     stop_requested: bool = False
+    saving: bool = False
+    abort_after_save: bool = False
     started: float = field(default_factory=time.time)
 
     def autocast(self):
@@ -181,7 +180,7 @@ def train_step(run: Run, profile: bool = False) -> dict:
     """One optimizer step on the next window; the carried state moves on, detached."""
     started = time.perf_counter()
     x, y = _window(run)
-    phase = run.profiler.phase if profile else (lambda name: _Null())
+    phase = run.profiler.phase if profile else (lambda name: contextlib.nullcontext())
     with phase("forward"), run.autocast():
         loss, state = run.model.loss(x, y, run.carry)
     with phase("backward"):
@@ -200,14 +199,6 @@ def train_step(run: Run, profile: bool = False) -> dict:
     seconds = time.perf_counter() - started
     return {"kind": "train", "step": run.step, "loss": value, "bpc": value / LN2, "lr": lr,
             "grad_norm": None if norm is None else float(norm), "tokens_per_s": x.numel() / seconds}
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()
@@ -251,28 +242,6 @@ def sample(model: CharLM, vocab: Vocab, prompt: str, length: int, temperature: f
     return vocab.decode(out)
 
 
-@contextlib.contextmanager
-def stop_signals(run: Run):
-    """The first Ctrl-C (or a SIGTERM) asks the loop to stop after the current step; a second Ctrl-C aborts."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if run.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        run.stop_requested = True
-        print("\ninterrupt: saving a checkpoint and the reports after this step (Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def train(run: Run, save, on_step=print) -> str:
     """Steps to `config.iters`: validation every `eval_every` steps, `save(run)` every `save_every` and at the end.
     Returns "complete", or "interrupted" when a signal asked it to stop (after a step, saved)."""
@@ -280,7 +249,7 @@ def train(run: Run, save, on_step=print) -> str:
     with stop_signals(run):
         while run.step < c.iters:
             profile = run.profiler is not None and len(run.profiler.steps) < c.profile_steps
-            with run.profiler.step(run.step) if profile else _Null():
+            with run.profiler.step(run.step) if profile else contextlib.nullcontext():
                 record = train_step(run, profile)
             if profile and len(run.profiler.steps) == c.profile_steps:
                 run.profiler.close()
@@ -289,7 +258,8 @@ def train(run: Run, save, on_step=print) -> str:
                 run.metrics.append(eval_record(run))
             on_step(run, record)
             if run.step % c.save_every == 0 or run.step == c.iters or run.stop_requested:
-                save(run)
+                with no_interrupt(run):
+                    save(run)
             if run.stop_requested:
                 return "interrupted"
     return "complete"
