@@ -8,6 +8,9 @@ accumulated gradient is the gradient of the step's mean loss whatever A is.
 
 import contextlib
 import math
+import signal
+import sys
+import threading
 from typing import Callable
 
 import torch
@@ -15,7 +18,7 @@ import torch
 from .lm_loss import causal_lm_loss
 
 __all__ = ["LossFn", "make_loss_fn", "target_count", "accumulate_gradients", "optimizer_step", "validation_loss",
-           "lr_factor", "make_scheduler"]
+           "lr_factor", "make_scheduler", "stop_signals", "no_interrupt"]
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor]  # (model, blocks (B, T), num_items)
 
@@ -139,3 +142,42 @@ def make_scheduler(optimizer, config):
     if config.optimizer_in_backward:
         return _PerParamLR(optimizer, config)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+
+
+@contextlib.contextmanager
+def stop_signals(ctx):
+    """The first Ctrl-C (or a SIGTERM) asks the loop to stop after the current step (`ctx.stop_requested`); a second
+    Ctrl-C aborts, but never inside a save (`no_interrupt`). `ctx` has `stop_requested`, `saving` and
+    `abort_after_save`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if ctx.stop_requested and signum == signal.SIGINT:
+            if ctx.saving:
+                ctx.abort_after_save = True
+                return
+            raise KeyboardInterrupt
+        ctx.stop_requested = True
+        print("\ninterrupt: saving a checkpoint and the reports after this step (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def no_interrupt(ctx):
+    """Holds a second Ctrl-C off until the block (a save) is done, then aborts."""
+    ctx.saving = True
+    try:
+        yield
+    finally:
+        ctx.saving = False
+    if ctx.abort_after_save:
+        raise KeyboardInterrupt

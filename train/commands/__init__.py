@@ -9,6 +9,7 @@ import sys
 
 COMMANDS = {
     "finetune": ("leanfit.train.commands.finetune", "fine-tune a causal LM on a text corpus"),
+    "lstm": ("leanfit.train.commands.lstm", "train a character-level LSTM language model on a corpus"),
     "launch": ("leanfit.train.commands.launch", "run finetune on several GPUs or nodes under torchrun (--parallel)"),
     "generate": ("leanfit.train.commands.generate", "generate continuations of prompts"),
     "estimate": ("leanfit.train.commands.estimate", "predict a training step's peak memory before launch"),

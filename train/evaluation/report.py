@@ -19,7 +19,8 @@ from pathlib import Path
 from ..checkpointing.atomic import atomic_write_text
 from ..units import format_bytes
 
-__all__ = ["write_report", "read_run", "write_blocks"]
+__all__ = ["write_report", "read_run", "write_blocks", "loss_blocks", "memory_blocks", "samples_blocks",
+           "run_settings"]
 
 SAMPLES_SHOWN = 5
 
@@ -82,7 +83,7 @@ def flatten(d, prefix=""):
     return out
 
 
-def _run_settings(run_json):
+def run_settings(run_json):
     """run.json flattened: finetune's {"config": ..., "summary": ...} gives config keys bare, then summary.*."""
     if not run_json:
         return {}
@@ -106,7 +107,7 @@ def eval_points(metrics):
     return [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m and "step" in m]
 
 
-def _loss_blocks(run):
+def loss_blocks(run):
     blocks = [("h2", "Loss curves")]
     train, evals = train_points(run["metrics"]), eval_points(run["metrics"])
     if train:
@@ -129,7 +130,7 @@ def _bytes(n):
     return format_bytes(n) if isinstance(n, (int, float)) else fmt(n)
 
 
-def _memory_blocks(run):
+def memory_blocks(run):
     if run["memory"] is None and run["memory_png"] is None:
         return []
     blocks = [("h2", "Memory")]
@@ -235,11 +236,11 @@ def samples_blocks(labelled, fallback=()):
 def _report_blocks(run):
     blocks = [("h1", f"Run report: {run['dir'].name}")]
     blocks.append(("h2", "Configuration"))
-    config = _run_settings(run["config"])
+    config = run_settings(run["config"])
     blocks.append(("table", ["setting", "value"], [[k, setting(v)] for k, v in config.items()]) if config
                   else ("p", "No run.json in this run."))
-    blocks += _loss_blocks(run)
-    blocks += _memory_blocks(run)
+    blocks += loss_blocks(run)
+    blocks += memory_blocks(run)
     labelled = [("before", run["before"]), ("after", run["after"])]
     blocks += eval_blocks(labelled)
     blocks += study_blocks(labelled)

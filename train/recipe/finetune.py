@@ -18,9 +18,7 @@ import contextlib
 import hashlib
 import math
 import random
-import signal
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -42,7 +40,9 @@ from ..step import (
     accumulate_gradients,
     make_loss_fn,
     make_scheduler,
+    no_interrupt,
     optimizer_step,
+    stop_signals,
     target_count,
     validation_loss,
 )
@@ -146,44 +146,6 @@ def train_step(ctx: RunContext) -> dict:
             "epoch": ctx.loader.epoch}
 
 
-@contextlib.contextmanager
-def _stop_signals(ctx: RunContext):
-    """The first Ctrl-C (or a SIGTERM) asks the loop to stop after the current step; a second Ctrl-C aborts,
-    but never inside a save (`_no_interrupt`)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if ctx.stop_requested and signum == signal.SIGINT:
-            if ctx.saving:
-                ctx.abort_after_save = True
-                return
-            raise KeyboardInterrupt
-        ctx.stop_requested = True
-        print("\ninterrupt: saving a checkpoint and the reports after this step (Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-@contextlib.contextmanager
-def _no_interrupt(ctx: RunContext):
-    """Holds a second Ctrl-C off until the block (a save) is done, then aborts."""
-    ctx.saving = True
-    try:
-        yield
-    finally:
-        ctx.saving = False
-    if ctx.abort_after_save:
-        raise KeyboardInterrupt
-
-
 def _save_due(ctx: RunContext) -> bool:
     kind, every = cfg.save_interval(ctx.config.save_every)
     if kind == "steps":
@@ -221,7 +183,7 @@ def train_loop(ctx: RunContext, hooks: Hooks):
             ctx.parallel.call(write_metrics, ctx)
             ctx.stop_requested, due = ctx.parallel.agree(ctx.stop_requested, _save_due(ctx))
             if ctx.step < c.iters and not ctx.stop_requested and due:
-                with _no_interrupt(ctx):
+                with no_interrupt(ctx):
                     ctx.parallel.call(write_unit, ctx)
 
 
@@ -237,7 +199,7 @@ def _handle_oom(ctx: RunContext, message: str, hooks: Hooks):
         ctx.profiler.close()
         ctx.profiler.stop_snapshot()
         print(ctx.profiler.table())
-    with _no_interrupt(ctx):
+    with no_interrupt(ctx):
         write_outputs(ctx, "out of memory", hooks.writers)
     advice = oom_advice(ctx.config, ctx.device)
     if advice:
@@ -297,7 +259,7 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
                                   snapshot=config.memory_snapshot)
     oom = None
     try:
-        with _stop_signals(ctx):
+        with stop_signals(ctx):
             train_loop(ctx, hooks)
     except KeyboardInterrupt:
         ctx.stop_requested = True
@@ -308,6 +270,6 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
     if oom is not None:
         _handle_oom(ctx, oom, hooks)
     print(ctx.profiler.table(), flush=True)
-    with _stop_signals(ctx), _no_interrupt(ctx):
+    with stop_signals(ctx), no_interrupt(ctx):
         write_outputs(ctx, "interrupted" if ctx.stop_requested else "complete", hooks.writers)
     return summary(ctx)
