@@ -62,7 +62,7 @@ def examples(n=16, seed=1):
 
 def train_args(out, batch, accum, **kw):
     return dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=batch,
-                gradient_accumulation_steps=accum, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1,
+                gradient_accumulation_steps=accum, learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
                 report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
                 dataloader_num_workers=0, **kw)
 
