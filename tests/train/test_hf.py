@@ -89,7 +89,8 @@ def assert_same_run(got, want):
         assert_close(name, w, got[1][name], table=WITHIN_1E5)
 
 
-@pytest.mark.parametrize("kind", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_trainer_patched_equals_unpatched(tmp_path, kind):
     want = run_trainer(tiny_model(kind), tmp_path / "ref")
     got = run_trainer(patch_model(tiny_model(kind)), tmp_path / "patched")
@@ -157,6 +158,18 @@ def test_loss_and_gradients_match_the_model_s_own_for_each_architecture(kind):
         assert_close(name, g, got[1][name])
     model.eval()
     assert model(input_ids=ids, labels=labels).logits.shape == (2, SEQ, VOCAB)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    model = tiny_model("llama")
+    want = one_step_grads(model, ids, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    got = one_step_grads(patch_model(model), ids, ids)
+    assert_close("loss", want[0], got[0])
+    for name, g in want[1].items():
+        assert_close(name, g, got[1][name])
 
 
 def test_num_items_in_batch_divides_the_summed_loss():
