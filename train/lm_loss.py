@@ -13,7 +13,7 @@ from ..kernels.lce import IMPLS as LCE_IMPLS
 from ..kernels.lce import linear_cross_entropy
 from ..kernels.lce.naive import naive_linear_cross_entropy
 
-__all__ = ["causal_lm_loss", "lm_head_params", "IMPLS"]
+__all__ = ["causal_lm_loss", "head_loss", "lm_head_params", "unwrap_peft", "base_model_of", "IMPLS"]
 
 IMPLS = ("naive", *LCE_IMPLS)  # the loss implementations, one list for the whole package
 
@@ -36,12 +36,12 @@ def lm_head_params(model) -> dict:
     return {"weight": head.weight, "bias": getattr(head, "bias", None), "scale": scale, "softcap": softcap}
 
 
-def _causal_lm(model):
+def unwrap_peft(model):
     """The transformers model inside a PEFT wrapper (its `get_base_model()`), else `model`."""
     return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
 
 
-def _base_model(model):
+def base_model_of(model):
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         raise ValueError(
@@ -95,15 +95,27 @@ def causal_lm_loss(
         raise ValueError(
             f"causal_lm_loss: expected labels of shape {tuple(input_ids.shape)}, given {tuple(labels.shape)}"
         )
-    model = _causal_lm(model)
-    out = _base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out[0][:, :-1]
+    model = unwrap_peft(model)
+    out = base_model_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return head_loss(model, out[0][:, :-1], labels[:, 1:], impl=impl, **loss_kwargs)
+
+
+def head_loss(
+    model,
+    hidden: torch.Tensor,  # (B, T, H): the base model's final hidden states at the positions that predict
+    target: torch.Tensor,  # (B, T): the next tokens, -100 where ignored
+    *,
+    impl: str = "auto",
+    **loss_kwargs,
+) -> torch.Tensor:
+    """Cross-entropy of `model`'s output head (weight, bias, scale, softcap: `lm_head_params`) on `hidden`
+    against `target`, without the logits; `impl` and `loss_kwargs` as in `causal_lm_loss`."""
     head = lm_head_params(model)
     weight, bias = head["weight"], head["bias"]
     if head["scale"] != 1.0:
         hidden = hidden * head["scale"]
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
-    target = labels[:, 1:].to(hidden.device)
+    target = target.to(hidden.device)
     loss = naive_linear_cross_entropy if impl == "naive" else linear_cross_entropy
     return loss(hidden, weight, target, bias=bias, softcap=head["softcap"], impl=impl, **loss_kwargs)

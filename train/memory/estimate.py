@@ -154,7 +154,8 @@ class Estimate:
             lora = (f" ({self.n_trainable / 1e6:.2f}M trainable: {'QLoRA, NF4 base' if c.quantize else 'LoRA'} "
                     f"rank {c.lora_rank} on {c.lora_targets})")
         lines = [
-            f"model {c.model}: {self.n_params / 1e6:.1f}M params{lora}, micro-batch {c.batch_size} x {c.block_size} "
+            f"model {c.model if isinstance(c.model, str) else type(c.model).__name__}: "
+            f"{self.n_params / 1e6:.1f}M params{lora}, micro-batch {c.batch_size} x {c.block_size} "
             f"tokens, {c.dtype}" + (f" + autocast {c.autocast}" if c.autocast else "")
             + f", loss {c.loss_impl}, {c.optimizer}" + (" in backward" if c.optimizer_in_backward else "")
             + (", grad checkpointing" if c.grad_checkpointing else "") + f", {c.device_kind}"

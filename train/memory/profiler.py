@@ -291,7 +291,8 @@ def plot_report(report, path):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     steps = report["steps"]
-    for name in PHASES[1:]:
+    names = [*PHASES[1:], *sorted({n for s in steps for n in s["phases"]} - set(PHASES))]
+    for name in names:
         xs = [s["step"] for s in steps if name in s["phases"]]
         left.plot(xs, [s["phases"][name] / 2**30 for s in steps if name in s["phases"]], marker=".", label=name)
     left.set_xlabel("step")
