@@ -21,15 +21,16 @@ import pytest
 from bench.compile_gate import ARCHS, cases, ptxas_path
 
 # The kernels whose work is tl.dot: with 16-bit inputs each must compile to tensor-core instructions (mma.sync,
-# or wgmma on sm_90), fp16 from sm_75 on and bf16 from sm_80 (Turing has no bf16 mma), so that a config which
-# silently falls back to scalar FMA cannot land.
+# or wgmma on sm_90) on sm_80 and sm_90, so that a config which silently falls back to scalar FMA cannot land.
+# Triton 3.6 emits no mma for sm_75 at all (0 in every 16-bit launch of the gate, fp16 included): on a T4 the
+# Triton dots run on FMA, and only cuBLAS's products (the hybrid LCE path's) reach its tensor cores.
 MATMUL_KERNELS = ("_lce_fwd_kernel", "_lce_bwd_kernel", "_lstm_fwd_onchip_kernel", "_lstm_bwd_onchip_kernel",
                   "_lstm_fwd_tiled_kernel", "_lstm_bwd_tiled_kernel", "_lstm_fwd_persistent_kernel",
                   "_lstm_bwd_persistent_kernel")
 
 
 def wants_tensor_cores(row: dict) -> bool:
-    return row["kernel"] in MATMUL_KERNELS and (row["dtype"] == "fp16" or row["dtype"] == "bf16" and row["arch"] >= 80)
+    return row["kernel"] in MATMUL_KERNELS and row["dtype"] in ("fp16", "bf16") and row["arch"] >= 80
 
 
 # (case key, kernel) -> why the spill is accepted. Empty: nothing spills.
