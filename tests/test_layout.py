@@ -305,3 +305,8 @@ def test_ruff_is_clean_so_the_old_names_stay_banned():
         pytest.skip("ruff is not installed (it comes with the dev extra)")
     done = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
+
+
+def test_the_module_listing_in_docs_is_what_the_docstrings_say():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "layout_doc.py"), "--check"], capture_output=True)
+    assert done.returncode == 0, "docs/layout.md's module listing is stale: run `python scripts/layout_doc.py`"
