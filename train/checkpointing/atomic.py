@@ -12,7 +12,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_dir", "atomic_path", "check_writable"]
+__all__ = ["fsync_path", "atomic_write_text", "atomic_write_json", "atomic_dir", "atomic_path", "check_writable"]
 
 
 def _umask() -> int:
@@ -21,9 +21,20 @@ def _umask() -> int:
     return mask
 
 
+def fsync_path(path):
+    """Flushes a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_path(path):
-    """Yields a temporary path next to `path`; moves it to `path` when the block ends without error."""
+def atomic_path(path, sync: bool = False):
+    """Yields a temporary path next to `path`; moves it to `path` when the block ends without error (with `sync`:
+    the file is flushed to the disk before the move and the folder after it, so a power cut leaves the old file
+    or the new one, never an empty one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -31,19 +42,23 @@ def atomic_path(path):
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
+        if sync:
+            fsync_path(tmp)
         os.replace(tmp, path)
+        if sync:
+            fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path, text: str):
-    with atomic_path(path) as tmp:
+def atomic_write_text(path, text: str, sync: bool = False):
+    with atomic_path(path, sync) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+def atomic_write_json(path, obj, sync: bool = False):
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n", sync)
 
 
 @contextmanager

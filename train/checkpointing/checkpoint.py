@@ -13,8 +13,14 @@ replaced atomically afterwards; the oldest units beyond `keep_last` are removed 
 unit whose manifest, files and state agree (`latest_unit`); a kill at any point leaves the previous unit or
 the new one as that unit, never a mix. An old unit is renamed out of the `step-*` names before it is
 deleted. `clean_stale` removes what an interrupted save left behind.
+
+The manifest records each file's size and SHA-256; a unit verifies when every listed file is a regular file
+(no symlink, no path leaving the unit) of that size and hash. Nothing is deleted because of its name alone:
+a unit folder is removed only when its manifest (or, unpublished, its `.leanfit-partial` marker) proves it
+leanfit's, and then only the files it lists.
 """
 
+import hashlib
 import json
 import os
 import secrets
@@ -24,16 +30,20 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from .atomic import fsync_path
 from .state_files import StateFileError, load_state, save_state
 
-__all__ = ["UNITS", "EXPORT", "SaveError", "UnitError", "unit_name", "begin_unit", "save_unit", "latest_unit",
-           "list_units", "load_unit", "clean_stale", "remove_unit_outputs"]
+__all__ = ["UNITS", "EXPORT", "MANIFEST", "SaveError", "UnitError", "unit_name", "begin_unit", "save_unit",
+           "latest_unit", "list_units", "load_unit", "verify_unit", "is_unit_folder", "clean_stale",
+           "remove_unit_outputs"]
 
 UNITS = "checkpoints"
 EXPORT = "checkpoint"
 STATE = "train_state"
 MANIFEST = "unit.json"
-SCHEMA = "leanfit.checkpoint/1"
+SCHEMA = "leanfit.checkpoint/2"
+SCHEMAS = ("leanfit.checkpoint/1", SCHEMA)  # /1 recorded sizes only
+PARTIAL = ".leanfit-partial"  # in an unpublished unit folder until its manifest is written
 _TMP = ".tmp-"
 
 
@@ -75,12 +85,9 @@ def _step(what: str):
         _HOOK(what)
 
 
-def _fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_unit(tmp: Path, model, tokenizer, state: dict):
@@ -90,14 +97,16 @@ def _write_unit(tmp: Path, model, tokenizer, state: dict):
     tokenizer.save_pretrained(tmp)
     _step("train state")
     save_state(tmp, STATE, state)
-    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != PARTIAL}
     _step("manifest")
     (tmp / MANIFEST).write_text(json.dumps({"schema": SCHEMA, "step": state["step"], "run_id": state["run_id"],
                                             "files": files}, indent=1), encoding="utf-8")
+    (tmp / PARTIAL).unlink()
     _step("fsync")
     for p in tmp.rglob("*"):
-        _fsync(p)
-    _fsync(tmp)
+        fsync_path(p)
+    fsync_path(tmp)
 
 
 def _link_export(out: Path, name: str):
@@ -135,13 +144,14 @@ def begin_unit(out, state: dict) -> Path | None:
         except UnitError:
             doomed = units / f"{_TMP}{final.name}-damaged-{secrets.token_hex(4)}"
             os.rename(final, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            _remove_listed(doomed)
     tmp = units / f"{_TMP}{final.name}-{secrets.token_hex(4)}"
     try:
         _step("units folder")
         units.mkdir(parents=True, exist_ok=True)
         _step("unit folder")
         tmp.mkdir()
+        (tmp / PARTIAL).write_text(state["run_id"], encoding="utf-8")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _save_error(out, final, e) from None
@@ -168,21 +178,21 @@ def save_unit(out, model, tokenizer, state: dict, keep_last: int = 2, tmp: Path 
         _write_unit(tmp, model, tokenizer, state)
         _step("publish")
         os.rename(tmp, final)
-        _step("fsync units")
-        _fsync(units)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _save_error(out, final, e) from None
     try:
+        _step("fsync units")
+        fsync_path(units)
         _link_export(out, final.name)
         for old in list_units(out)[:-keep_last] if keep_last > 0 else []:
             _step("prune")
             doomed = units / f"{_TMP}{old.name}-{secrets.token_hex(4)}"
             os.rename(old, doomed)
-            shutil.rmtree(doomed)
+            _remove_listed(doomed)
     except OSError as e:
-        raise SaveError(f"checkpoint {final.name} was saved, but updating {out / EXPORT} or removing older units "
-                        f"failed ({e.strerror or e})") from None
+        raise SaveError(f"checkpoint {final.name} was saved, but syncing {units}, updating {out / EXPORT} or "
+                        f"removing older units failed ({e.strerror or e})") from None
     return final
 
 
@@ -195,27 +205,72 @@ def list_units(out) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _check_unit(unit: Path, run_id: str | None, tensors: bool = True) -> dict:
-    """The unit's train state, after checking that its manifest, files and state agree."""
+def _read_manifest(unit: Path) -> dict:
     try:
         manifest = json.loads((unit / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UnitError(f"{unit / MANIFEST} is missing or unreadable ({type(e).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") not in SCHEMAS \
+            or not isinstance(manifest.get("files"), dict):
+        raise UnitError(f"{unit / MANIFEST} is not a leanfit manifest")
+    return manifest
+
+
+def _inside(unit: Path, name: str) -> Path:
+    """`unit / name` when `name` stays inside the unit and no part of it is a symlink; else UnitError."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        raise UnitError(f"{unit / MANIFEST} lists {name!r}, a path outside the unit")
+    for i in range(1, len(parts) + 1):
+        if (unit.joinpath(*parts[:i])).is_symlink():
+            raise UnitError(f"{unit.joinpath(*parts[:i])} is a symlink (a unit holds only its own files)")
+    return unit / name
+
+
+def _check_file(unit: Path, name: str, entry) -> None:
+    path = _inside(unit, name)
+    size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get("sha256")) \
+        if isinstance(entry, dict) else (None, None)
+    if not path.is_file() or path.stat().st_size != size:
+        raise UnitError(f"{path} is missing or truncated (expected {size} bytes)")
+    if digest is not None and _sha256(path) != digest:
+        raise UnitError(f"{path} does not match its SHA-256 in {MANIFEST} (damaged)")
+
+
+def verify_unit(unit) -> dict:
+    """The manifest of the unit folder `unit` after checking every file it lists; UnitError naming what is wrong."""
+    unit = Path(unit)
+    if unit.is_symlink():
+        raise UnitError(f"{unit} is a symlink (expected a unit folder)")
+    manifest = _read_manifest(unit)
+    if MANIFEST in manifest["files"]:
+        raise UnitError(f"{unit / MANIFEST} lists itself")
+    for name, entry in manifest["files"].items():
+        _check_file(unit, name, entry)
+    return manifest
+
+
+def is_unit_folder(folder) -> bool:
+    """Whether `folder` carries a leanfit unit manifest (verified or not): proof that leanfit wrote it."""
+    try:
+        _read_manifest(Path(folder))
+    except UnitError:
+        return False
+    return not Path(folder).is_symlink()
+
+
+def _check_unit(unit: Path, run_id: str | None, tensors: bool = True) -> dict:
+    """The unit's train state, after checking that its manifest, files and state agree."""
+    manifest = verify_unit(unit)
     step = int(unit.name[5:])
-    if manifest.get("schema") != SCHEMA or manifest.get("step") != step:
+    if manifest.get("step") != step:
         raise UnitError(f"{unit / MANIFEST} does not describe step {step}")
-    for name, size in manifest.get("files", {}).items():
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise UnitError(f"{unit / MANIFEST} lists {name!r}, a file outside the unit")
-        path = unit / name
-        if not path.is_file() or path.stat().st_size != size:
-            raise UnitError(f"{path} is missing or truncated (expected {size} bytes)")
     try:
         state = load_state(unit, STATE, tensors=tensors)
     except StateFileError as e:
         raise UnitError(str(e)) from None
-    if state.get("step") != step or state.get("run_id") != manifest.get("run_id"):
-        raise UnitError(f"{unit}: its train state (step {state.get('step')}) and manifest (step {step}) disagree")
+    if not isinstance(state, dict) or state.get("step") != step or state.get("run_id") != manifest.get("run_id"):
+        raise UnitError(f"{unit}: its train state and manifest (step {step}) disagree")
     if run_id is not None and state["run_id"] != run_id:
         raise UnitError(f"{unit} belongs to another run (run id {state['run_id']}, the folder's run.json says "
                         f"{run_id})")
@@ -244,31 +299,76 @@ def load_unit(unit, run_id: str | None = None) -> dict:
     return _check_unit(Path(unit), run_id)
 
 
-def clean_stale(out) -> list[str]:
-    """Removes what interrupted saves left in `out` (unpublished units, temporary links and files); returns
-    their names."""
+def _remove_listed(unit: Path) -> list[str]:
+    """Removes the files a leanfit unit folder's manifest lists (and the marker, the manifest), then each folder
+    left empty; a file it does not list stays. Returns what stayed."""
+    try:
+        names = list(_read_manifest(unit)["files"])
+    except UnitError:
+        names = []
+    for name in [*names, MANIFEST, PARTIAL]:
+        try:
+            path = _inside(unit, name)
+        except UnitError:
+            continue
+        if path.is_file():
+            path.unlink()
+    for folder in sorted((p for p in unit.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    left = sorted(p.relative_to(unit).as_posix() for p in unit.rglob("*"))
+    if not left:
+        unit.rmdir()
+    return left
+
+
+def _owned_tmp_unit(p: Path) -> bool:
+    if p.is_symlink() or not p.is_dir():
+        return False
+    return not any(p.iterdir()) or (p / PARTIAL).is_file() or is_unit_folder(p)
+
+
+def _owned_tmp_link(p: Path) -> bool:
+    return p.is_symlink() and Path(os.readlink(p)).parts[:1] == (UNITS,)
+
+
+def clean_stale(out, own_names=()) -> list[str]:
+    """Removes what interrupted saves left in `out` and can be proven leanfit's: unpublished unit folders that
+    carry the partial marker or a manifest (only the files listed), temporary `checkpoint` links into
+    `checkpoints/`, and the temporary siblings `.NAME.*.tmp` / `.NAME.*.old` of the outputs named in
+    `own_names`. Returns their names."""
     out = Path(out)
     stale = []
     units = out / UNITS
-    if units.is_dir():
-        stale += [p for p in units.iterdir() if p.name.startswith(_TMP)]
+    if units.is_dir() and not units.is_symlink():
+        stale += [p for p in units.iterdir() if p.name.startswith(_TMP) and _owned_tmp_unit(p)]
     if out.is_dir():
-        stale += [p for p in out.iterdir() if p.name.startswith(f".{EXPORT}{_TMP}")
-                  or (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        stale += [p for p in out.iterdir() if p.name.startswith(f".{EXPORT}{_TMP}") and _owned_tmp_link(p)]
+        stale += [p for p in out.iterdir() if any(p.name.startswith(f".{n}.") for n in own_names)
+                  and p.name.endswith((".tmp", ".old")) and not p.is_symlink()]
     for p in stale:
-        if p.is_dir() and not p.is_symlink():
+        if p.parent == units:
+            _remove_listed(p)
+        elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
     return sorted(p.name for p in stale)
 
 
-def remove_unit_outputs(out):
-    """Removes a previous run's units and export link from `out` (for --overwrite)."""
+def remove_unit_outputs(out) -> list[str]:
+    """Removes a previous run's units (the files their manifests list) and its `checkpoint` link from `out`
+    (for --overwrite); returns what it removed. A foreign file or folder in `checkpoints/` stays."""
     out = Path(out)
-    if (out / UNITS).is_dir():
-        shutil.rmtree(out / UNITS)
-    if (out / EXPORT).is_symlink() or (out / EXPORT).is_file():
+    removed = []
+    for unit in list_units(out):
+        if is_unit_folder(unit):
+            _remove_listed(unit)
+            removed.append(f"{UNITS}/{unit.name}")
+    units = out / UNITS
+    if units.is_dir() and not units.is_symlink() and not any(units.iterdir()):
+        units.rmdir()
+    if _owned_tmp_link(out / EXPORT):
         (out / EXPORT).unlink()
-    elif (out / EXPORT).is_dir():
-        shutil.rmtree(out / EXPORT)
+        removed.append(EXPORT)
+    return removed

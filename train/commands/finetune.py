@@ -148,7 +148,8 @@ def print_summary(s: dict):
     out = Path(s["out"])
     print(f"\n{s['status']}: {s['steps']} steps on {s['device']}, {s['seconds']:.0f} s")
     if s["val_ppl_start"] is not None:
-        print(f"validation perplexity: {s['val_ppl_start']:.2f} at the start -> {s['val_ppl_end']:.2f} at the end")
+        end = "at the end" if s.get("val_step_end") == s["steps"] else f"at step {s.get('val_step_end')}"
+        print(f"validation perplexity: {s['val_ppl_start']:.2f} at the start -> {s['val_ppl_end']:.2f} {end}")
     written = [f for f in FILES.get(s["status"], ()) if os.path.lexists(out / f.rstrip("/"))]
     print(f"outputs in {out}/: {' '.join(written)}")
 
@@ -200,6 +201,10 @@ def main(argv=None) -> int:
     except (FloatingPointError, OutOfMemory, SaveError) as e:
         fail(prog, e)
         return 1
+    except KeyboardInterrupt:
+        fail(prog, KeyboardInterrupt("interrupted (the newest complete checkpoint, if any, is kept; --resume "
+                                     "continues from it)"))
+        return 130
     if s["status"] == "dry-run":
         print_dry_run(s)
         return 0
