@@ -301,17 +301,22 @@ def load_unit(unit, run_id: str | None = None) -> dict:
 
 def _remove_listed(unit: Path) -> list[str]:
     """Removes the files a leanfit unit folder's manifest lists (and the marker, the manifest), then each folder
-    left empty; a file it does not list stays. Returns what stayed."""
+    left empty; a file it does not list stays. An unpublished folder that still carries the partial marker was
+    made empty by this save, so all of it goes. Returns what stayed."""
+    if (unit / PARTIAL).is_file() and not unit.is_symlink():
+        shutil.rmtree(unit)
+        return []
     try:
         names = list(_read_manifest(unit)["files"])
     except UnitError:
         names = []
     for name in [*names, MANIFEST, PARTIAL]:
-        try:
-            path = _inside(unit, name)
-        except UnitError:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts \
+                or any(unit.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts))):
             continue
-        if path.is_file():
+        path = unit / name
+        if path.is_symlink() or path.is_file():
             path.unlink()
     for folder in sorted((p for p in unit.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
         if not any(folder.iterdir()):

@@ -94,14 +94,14 @@ def _check_out(config: cfg.TrainConfig, overwrite: bool):
     if not out.is_dir():
         return
     check_unlocked(out)
+    if not (config.resume or overwrite) and any(p.name != LOCK for p in out.iterdir()):
+        if _is_leanfit_run(out):
+            raise ValueError(f"--out {out} already holds a leanfit run: continue it with --resume {out}, or pass "
+                             f"--overwrite to replace it")
+        raise ValueError(f"--out {out} is not empty and is not a leanfit run: choose a new or empty folder, or pass "
+                         f"--overwrite to write into it (files of the run's names are then replaced, nothing else "
+                         f"is removed)")
     _check_own_names(out)
-    if config.resume or overwrite or not any(p.name != LOCK for p in out.iterdir()):
-        return
-    if _is_leanfit_run(out):
-        raise ValueError(f"--out {out} already holds a leanfit run: continue it with --resume {out}, or pass "
-                         f"--overwrite to replace it")
-    raise ValueError(f"--out {out} is not empty and is not a leanfit run: choose a new or empty folder, or pass "
-                     f"--overwrite to write into it (files of the run's names are then replaced, nothing is removed)")
 
 
 def preflight(config: cfg.TrainConfig, overwrite: bool = False, dry_run: bool = False,
@@ -119,6 +119,9 @@ def preflight(config: cfg.TrainConfig, overwrite: bool = False, dry_run: bool = 
     check_dtype(config.dtype, device)
     _check_loss(config.loss, device)
     corpus_path = Path(config.corpus) if config.corpus else DEFAULT_CORPUS
+    if config.resume and not corpus_path.exists():
+        raise ValueError(f"the run's corpus {corpus_path} is gone: if it moved, give its new path with --corpus "
+                         f"(its content is checked against the run's)")
     text = read_corpus(corpus_path, config.encoding)
     point = None
     if config.resume:

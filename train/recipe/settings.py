@@ -129,10 +129,10 @@ def merge_settings(flags: dict, preset: str | None = None) -> tuple[cfg.TrainCon
             raise ValueError(f"--preset: expected one of {', '.join(cfg.PRESETS)}, got {preset!r}")
         base = cfg.from_dict(cfg.PRESETS[preset], base)
     config = cfg.from_dict(flags, base)
+    if "corpus" in flags:
+        config = cfg.from_dict({"corpus": str(Path(flags["corpus"]).expanduser().resolve())}, config)
     if resume:
         given = [f"--{k.replace('_', '-')} {flags[k]}" for k in FIXED_ON_RESUME if k in flags]
         source = ", ".join(given + ([f"--preset {preset}"] if preset else [])) or "--resume"
         resume_changes(saved, cfg.validate(config), source, point.corpus_sha256)
-    elif config.corpus:
-        config = cfg.from_dict({"corpus": str(Path(config.corpus).expanduser().resolve())}, config)
     return config, point
