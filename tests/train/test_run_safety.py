@@ -257,13 +257,7 @@ def test_a_damaged_newest_unit_is_passed_over_with_one_warning(four_steps, tmp_p
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_latest_unit_verifies_each_file_and_falls_back_to_the_previous_unit(tmp_path, damage):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("gpt2"))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
-    run = tmp_path / "run"
-    for step in (2, 4):
-        save_unit(run, model, tokenizer, {"step": step, "run_id": "r", "config": {}, "metrics": []})
+    run = _two_units(tmp_path)
     spoil, reason = DAMAGES[damage]
     spoil(run / "checkpoints" / "step-000004")
     unit, state, skipped = latest_unit(run)
@@ -314,3 +308,73 @@ def test_run_json_is_written_synced(tmp_path, monkeypatch):
     atomic.atomic_write_json(tmp_path / "run.json", {"a": 1}, sync=True)
     assert synced[0].name.startswith(".run.json.") and synced[1] == tmp_path
     assert json.loads((tmp_path / "run.json").read_text()) == {"a": 1}
+
+
+def _two_units(tmp_path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("gpt2"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
+    run = tmp_path / "run"
+    for step in (2, 4):
+        save_unit(run, model, tokenizer, {"step": step, "run_id": "r", "config": {}, "metrics": []})
+    return run
+
+
+def test_generate_on_a_damaged_unit_is_one_line(tmp_path, capsys):
+    from leanfit.train.commands.generate import main as generate_main
+
+    run = _two_units(tmp_path)
+    _flip(run / "checkpoints" / "step-000004")
+    assert generate_main(["--model", str(run / "checkpoint"), "--prompt", "You", "--max-length", "4",
+                          "--num-return-sequences", "1", "--device", "cpu"]) == 2
+    assert "does not match its SHA-256" in one_line(capsys.readouterr().err)
+
+
+def test_a_full_disk_after_publishing_says_the_unit_was_saved(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leanfit.train.checkpointing import checkpoint
+    from leanfit.train.checkpointing.checkpoint import SaveError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("gpt2"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
+
+    def full_at_fsync_units(what):
+        if what == "fsync units":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_HOOK", full_at_fsync_units)
+    with pytest.raises(SaveError, match="step-000002 was saved"):
+        save_unit(tmp_path / "run", model, tokenizer, {"step": 2, "run_id": "r", "config": {}, "metrics": []})
+    assert [u.name for u in list_units(tmp_path / "run")] == ["step-000002"]
+
+
+def test_ctrl_c_outside_the_loop_is_one_line_and_exit_130(tmp_path, corpus, capsys, monkeypatch):
+    from leanfit.train.commands import finetune as command
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run", interrupted)
+    assert finetune_main(argv(tmp_path, corpus)) == 130
+    assert "interrupted" in one_line(capsys.readouterr().err)
+
+
+def test_an_interrupted_summary_names_the_step_of_its_last_validation(capsys):
+    from leanfit.train.commands.finetune import print_summary
+
+    s = {"status": "interrupted", "out": "/nonexistent", "steps": 3, "device": "cpu", "seconds": 1.0,
+         "val_ppl_start": 9.0, "val_ppl_end": 9.0, "val_step_end": 0}
+    print_summary(s)
+    assert "9.00 at the start -> 9.00 at step 0" in capsys.readouterr().out
+    print_summary({**s, "status": "complete", "val_ppl_end": 5.0, "val_step_end": 3})
+    assert "-> 5.00 at the end" in capsys.readouterr().out
+
+
+def test_a_negative_allocator_margin_is_refused(capsys):
+    from leanfit.train.commands.estimate import main as estimate_main
+
+    with pytest.raises(SystemExit) as e:
+        estimate_main(["--allocator-margin", "-1"])
+    assert e.value.code == 2 and "--allocator-margin" in one_line(capsys.readouterr().err)

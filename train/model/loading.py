@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..checkpointing.atomic import atomic_dir, atomic_write_json
+from ..checkpointing.checkpoint import MANIFEST, verify_unit
 from .adapters import adapter_base, is_adapter_dir
 from .quant import import_peft
 
@@ -343,12 +344,14 @@ def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float
         (model, tokenizer); the tokenizer has a pad token (its eos token when it had none).
     Raises:
         ModelNotFoundError (a ValueError) when the model cannot be found; its message lists the
-        offline choices.
+        offline choices. UnitError (a ValueError) for a checkpoint unit whose files do not verify.
     Example:
         >>> model, tokenizer = load_model("smollm2-135m")
     """
     from transformers import AutoModelForCausalLM
 
+    if (Path(name_or_path) / MANIFEST).is_file():
+        verify_unit(Path(name_or_path).resolve())
     ref, local_only = resolve_model(name_or_path)
     if is_adapter_dir(ref):
         return _load_adapter(ref, device, dtype)
