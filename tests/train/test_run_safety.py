@@ -378,3 +378,29 @@ def test_a_negative_allocator_margin_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         estimate_main(["--allocator-margin", "-1"])
     assert e.value.code == 2 and "--allocator-margin" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--corpus", "short"], "shorter than one block"),
+    (["--batch-size", "500"], "larger than the"),
+    (["--val-fraction", "0.99"], "none are left to train on"),
+])
+def test_a_corpus_too_small_for_the_run_is_refused_before_any_weight(tmp_path, corpus, capsys, no_weights, flags,
+                                                                      expected):
+    (tmp_path / "short").write_text("You are a guest.")
+    assert finetune_main(argv(tmp_path, corpus, "run", *[str(tmp_path / f) if f == "short" else f for f in flags])) == 2
+    assert expected in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tilde_in_a_path_flag_means_the_home_folder(tmp_path, monkeypatch, corpus):
+    from leanfit.train.commands.finetune import parse
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config, *_ = parse(["--out", "~/runs/a", "--corpus", "~/corpus.txt"])
+    assert config.out == str(tmp_path / "runs" / "a") and config.corpus == str(corpus)
+
+
+def test_a_memory_budget_beyond_the_device_is_warned(tmp_path, corpus, capsys):
+    assert finetune_main(argv(tmp_path, corpus, "run", "--memory-budget", "10TB", "--dry-run")) == 0
+    assert "warning: --memory-budget" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from .common import (
 __all__ = ["build_parser", "parse_args", "print_summary", "print_dry_run", "main", "rank_main"]
 
 LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+PATH_FLAGS = ("out", "resume", "corpus", "prompts", "model")  # "~/runs/a" is the home folder's, not a folder "~"
 
 
 def _block_size(text) -> int:
@@ -133,6 +134,7 @@ def parse_args(argv) -> tuple[cfg.TrainConfig, bool, bool]:
 def parse(argv) -> tuple[cfg.TrainConfig, ResumePoint | None, bool, bool]:
     """(the run's config, its resume point, dry run?, overwrite?) from the command line."""
     flags = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    flags.update({k: os.path.expanduser(flags[k]) for k in PATH_FLAGS if k in flags})
     preset = flags.pop("preset", None)
     dry_run = bool(flags.pop("dry_run", False))
     overwrite = bool(flags.pop("overwrite", False))

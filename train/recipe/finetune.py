@@ -86,7 +86,7 @@ def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = No
     if config.memory_snapshot and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     model, tokenizer = load_for_training(config, checked.model_ref, device)
-    blocks = make_blocks(checked.text, tokenizer, config.block_size)
+    blocks = checked.blocks if checked.blocks is not None else make_blocks(checked.text, tokenizer, config.block_size)
     train_blocks, val_blocks = split_blocks(blocks, config.val_fraction)
     if config.eval_blocks:
         val_blocks = val_blocks[: config.eval_blocks]

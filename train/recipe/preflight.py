@@ -9,6 +9,7 @@ run.json's `outputs` list, the leftovers of its own interrupted saves), never a 
 
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .. import config as cfg
 from ..checkpointing.atomic import check_writable
 from ..checkpointing.checkpoint import EXPORT, UNITS, clean_stale, is_unit_folder, list_units, remove_unit_outputs
 from ..checkpointing.lock import LOCK, check_unlocked
-from ..data import DEFAULT_CORPUS, read_corpus
+from ..data import DEFAULT_CORPUS, BlockLoader, make_blocks, read_corpus, split_blocks
 from ..devices import indexed_device, resolve_device
 from ..evaluation.generate import DEFAULT_PROMPTS, check_prompt_lengths, read_prompts
 from ..gpus import check_properties
@@ -27,6 +28,7 @@ from ..model.loading import load_tokenizer, resolve_model
 from ..model.lora import MERGED, check_lora_targets
 from ..model.quant import check_qlora
 from ..parallel import Parallel
+from ..units import format_bytes
 from .outputs import OWN_FILES, RUN_SCHEMA
 from .settings import ResumePoint, read_run_json, resume_point
 
@@ -45,6 +47,7 @@ class Checked:
     model_ref: str
     resume: ResumePoint | None = None
     parallel: Parallel = field(default_factory=Parallel)
+    blocks: torch.Tensor | None = None  # (N, T): the corpus tokenized into blocks, when the checks made them
 
 
 def check_dtype(dtype: str, device: torch.device):
@@ -67,6 +70,20 @@ def _check_loss(loss: str, device: torch.device):
     if loss == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"--loss triton needs a CUDA device (or TRITON_INTERPRET=1), and this run is on {device}: "
                          f"expected --loss chunked or auto")
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(indexed_device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_budget(budget: int | None, device: torch.device):
+    """Warns when `--memory-budget` is more than the device has: the plan would then not fit anything real."""
+    if budget and device.type in ("cuda", "cpu") and budget > _device_memory(device):
+        warnings.warn(f"--memory-budget {format_bytes(budget)} is more than {device} has "
+                      f"({format_bytes(_device_memory(device))}); the plan assumes memory that is not there",
+                      stacklevel=3)
 
 
 def _is_leanfit_run(out: Path) -> bool:
@@ -118,6 +135,7 @@ def preflight(config: cfg.TrainConfig, overwrite: bool = False, dry_run: bool = 
         check_gpu(config.gpu, device)
     check_dtype(config.dtype, device)
     _check_loss(config.loss, device)
+    _check_budget(config.memory_budget, device)
     corpus_path = Path(config.corpus) if config.corpus else DEFAULT_CORPUS
     if config.resume and not corpus_path.exists():
         raise ValueError(f"the run's corpus {corpus_path} is gone: if it moved, give its new path with --corpus "
@@ -136,11 +154,21 @@ def preflight(config: cfg.TrainConfig, overwrite: bool = False, dry_run: bool = 
         check_lora_targets(load_config(model_ref), config.lora_targets)
     if config.qlora and not dry_run:
         check_qlora(device)
+    blocks = None
     if not dry_run:
-        prompts = read_prompts(config.prompts or DEFAULT_PROMPTS)
-        check_prompt_lengths(load_tokenizer(model_ref), prompts, config.max_length)
+        tokenizer = load_tokenizer(model_ref)
+        check_prompt_lengths(tokenizer, read_prompts(config.prompts or DEFAULT_PROMPTS), config.max_length)
+        blocks = _check_blocks(text, tokenizer, config)
         _check_out(config, overwrite)
-    return Checked(device, corpus_path, text, model_ref, point)
+    return Checked(device, corpus_path, text, model_ref, point, blocks=blocks)
+
+
+def _check_blocks(text: str, tokenizer, config: cfg.TrainConfig) -> torch.Tensor:  # returns (N, T)
+    """The corpus blocks, after checking that they fill one block, leave training blocks and a batch of them."""
+    blocks = make_blocks(text, tokenizer, config.block_size)
+    train, _ = split_blocks(blocks, config.val_fraction)
+    BlockLoader(train, config.batch_size, seed=config.seed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    return blocks
 
 
 def _listed_outputs(out: Path) -> list[str]:
