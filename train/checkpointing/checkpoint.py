@@ -45,6 +45,7 @@ SCHEMA = "leanfit.checkpoint/2"
 SCHEMAS = ("leanfit.checkpoint/1", SCHEMA)  # /1 recorded sizes only
 PARTIAL = ".leanfit-partial"  # in an unpublished unit folder until its manifest is written
 _TMP = ".tmp-"
+KEPT = ".kept-"  # a damaged unit moved aside: what its manifest does not list (or no manifest at all) stays there
 _VERIFIED = set()  # (file, size, mtime, inode, sha256) hashed by this process: a resume verifies once, not thrice
 
 
@@ -128,7 +129,8 @@ def _save_error(out: Path, final: Path, e: Exception) -> SaveError:
 
 def begin_unit(out, state: dict) -> Path | None:
     """Creates the hidden folder the unit of `state["step"]` is written into, and returns it; None when a
-    complete unit of that step is already published (a damaged one is removed first).
+    complete unit of that step is already published (a damaged one is moved aside to `.kept-*`, and the files
+    its manifest lists are removed).
 
     `save_unit` calls it; a run over several ranks calls it on rank 0 and lets every rank write its shards
     into the folder before `save_unit(..., tmp=folder)` publishes it.
@@ -143,7 +145,7 @@ def begin_unit(out, state: dict) -> Path | None:
             _check_unit(final, state["run_id"], tensors=False)
             return None
         except UnitError:
-            doomed = units / f"{_TMP}{final.name}-damaged-{secrets.token_hex(4)}"
+            doomed = units / f"{KEPT}{final.name}-{secrets.token_hex(4)}"
             os.rename(final, doomed)
             _remove_listed(doomed)
     tmp = units / f"{_TMP}{final.name}-{secrets.token_hex(4)}"
