@@ -405,3 +405,26 @@ def test_a_tilde_in_a_path_flag_means_the_home_folder(tmp_path, monkeypatch, cor
 def test_a_memory_budget_beyond_the_device_is_warned(tmp_path, corpus, capsys):
     assert finetune_main(argv(tmp_path, corpus, "run", "--memory-budget", "10TB", "--dry-run")) == 0
     assert "warning: --memory-budget" in capsys.readouterr().err
+
+
+def test_a_folder_is_replaced_in_one_swap(tmp_path, monkeypatch):
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "old.txt").write_text("old")
+    renames = []
+    real = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: renames.append((a, b)) or real(a, b))
+    with atomic.atomic_dir(merged) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in merged.iterdir()] == ["new.txt"] and not renames
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_sharded_optimizer_entry_must_stay_inside_its_unit_and_have_an_index(tmp_path):
+    from leanfit.train.checkpointing.checkpoint import UnitError, _check_sharded
+
+    unit = tmp_path / "unit"
+    (unit / "optim").mkdir(parents=True)
+    for entry, expected in (("../..", "outside the unit"), ("optim", "index.json is missing"), (3, "not a folder")):
+        with pytest.raises(UnitError, match=expected):
+            _check_sharded(unit, {"sharded": entry})

@@ -1,10 +1,13 @@
 """Atomic file and folder writes: each output appears complete under its final name, or not at all.
 
 A file is written to a temporary sibling and moved into place with `os.replace`, which is atomic on
-POSIX and Windows. A folder (a `save_pretrained` checkpoint) is written to a temporary sibling folder;
-an existing folder of the same name is moved aside first and removed after the new one is in place.
+POSIX and Windows. A folder (a `save_pretrained` checkpoint) is written to a temporary sibling folder and
+swapped with an existing folder of the same name in one step (Linux `renameat2(RENAME_EXCHANGE)`), so a kill
+leaves the old folder or the new one under the name; elsewhere the old one is moved aside first. The old
+folder is removed afterwards.
 """
 
+import ctypes
 import json
 import os
 import shutil
@@ -73,6 +76,9 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+        return
     old = None
     if path.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -80,6 +86,16 @@ def atomic_dir(path):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where that is not available."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def check_writable(path, what: str, folder: bool = False):

@@ -266,7 +266,21 @@ def is_unit_folder(folder) -> bool:
     return not Path(folder).is_symlink()
 
 
-def _check_unit(unit: Path, run_id: str | None, tensors: bool = True) -> dict:
+def _check_sharded(unit: Path, optimizer):
+    """A sharded optimizer entry must name a folder inside the unit that holds its index."""
+    if not isinstance(optimizer, dict) or "sharded" not in optimizer:
+        return
+    from .dcp_storage import DcpFormatError, read_index  # deferred: torch.distributed.checkpoint, sharded runs only
+
+    if not isinstance(optimizer["sharded"], str):
+        raise UnitError(f"{unit / STATE}.json: the sharded optimizer entry is not a folder name")
+    try:
+        read_index(_inside(unit, optimizer["sharded"]))
+    except DcpFormatError as e:
+        raise UnitError(str(e)) from None
+
+
+def _check_unit(unit: Path, run_id: str | None, tensors: bool = True, required=()) -> dict:
     """The unit's train state, after checking that its manifest, files and state agree."""
     manifest = verify_unit(unit)
     step = int(unit.name[5:])
@@ -278,23 +292,28 @@ def _check_unit(unit: Path, run_id: str | None, tensors: bool = True) -> dict:
         raise UnitError(str(e)) from None
     if not isinstance(state, dict) or state.get("step") != step or state.get("run_id") != manifest.get("run_id"):
         raise UnitError(f"{unit}: its train state and manifest (step {step}) disagree")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise UnitError(f"{unit / STATE}.json lacks {', '.join(missing)} (not a leanfit train state)")
+    _check_sharded(unit, state.get("optimizer"))
     if run_id is not None and state["run_id"] != run_id:
         raise UnitError(f"{unit} belongs to another run (run id {state['run_id']}, the folder's run.json says "
                         f"{run_id})")
     return state
 
 
-def latest_unit(out, run_id: str | None = None, tensors: bool = True) -> tuple[Path, dict, list[str]]:
+def latest_unit(out, run_id: str | None = None, tensors: bool = True, required=()) -> tuple[Path, dict, list[str]]:
     """The newest complete unit of `out`: (folder, train state, [why each newer unit was passed over]).
 
-    `run_id`, when given, must be the unit's; `tensors=False` reads the state's JSON part only.
+    `run_id`, when given, must be the unit's; `tensors=False` reads the state's JSON part only; `required`: keys
+    the train state must have.
     Raises:
         UnitError when no unit is complete.
     """
     skipped = []
     for unit in reversed(list_units(out)):
         try:
-            return unit, _check_unit(unit, run_id, tensors), skipped
+            return unit, _check_unit(unit, run_id, tensors, required), skipped
         except UnitError as e:
             skipped.append(str(e))
     detail = f": {'; '.join(skipped)}" if skipped else ""

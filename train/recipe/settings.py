@@ -17,6 +17,7 @@ from ..data import read_corpus, text_sha256
 
 __all__ = ["ResumePoint", "resume_point", "merge_settings", "read_run_json", "resume_changes", "FIXED_ON_RESUME"]
 
+STATE_KEYS = ("config", "corpus_sha256", "loader", "metrics", "optimizer", "rng", "scheduler")  # what a resume reads
 FIXED_ON_RESUME = ("model", "corpus", "block_size", "lora", "lora_rank", "lora_targets", "qlora")
 
 
@@ -69,7 +70,8 @@ def resume_point(folder) -> ResumePoint:
     except ValueError as e:
         run, warnings = None, (f"{e}; rebuilt from the newest verified checkpoint",)
     try:
-        unit, state, skipped = latest_unit(folder, run_id=run.get("run_id") if run else None, tensors=False)
+        unit, state, skipped = latest_unit(folder, run_id=run.get("run_id") if run else None, tensors=False,
+                                           required=STATE_KEYS)
     except UnitError as e:
         raise ValueError(str(e)) from None
     if run is None:
