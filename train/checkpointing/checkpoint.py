@@ -20,7 +20,6 @@ a unit folder is removed only when its manifest (or, unpublished, its `.leanfit-
 leanfit's, and then only the files it lists.
 """
 
-import hashlib
 import json
 import os
 import secrets
@@ -31,6 +30,17 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from .atomic import fsync_path
+from .manifest import (
+    MANIFEST,
+    PARTIAL,
+    SCHEMA,
+    UnitError,
+    inside,
+    is_unit_folder,
+    remove_listed,
+    sha256,
+    verify_unit,
+)
 from .state_files import StateFileError, load_state, save_state
 
 __all__ = ["UNITS", "EXPORT", "MANIFEST", "SaveError", "UnitError", "unit_name", "begin_unit", "save_unit",
@@ -40,21 +50,12 @@ __all__ = ["UNITS", "EXPORT", "MANIFEST", "SaveError", "UnitError", "unit_name",
 UNITS = "checkpoints"
 EXPORT = "checkpoint"
 STATE = "train_state"
-MANIFEST = "unit.json"
-SCHEMA = "leanfit.checkpoint/2"
-SCHEMAS = ("leanfit.checkpoint/1", SCHEMA)  # /1 recorded sizes only
-PARTIAL = ".leanfit-partial"  # in an unpublished unit folder until its manifest is written
 _TMP = ".tmp-"
 KEPT = ".kept-"  # a damaged unit moved aside: what its manifest does not list (or no manifest at all) stays there
-_VERIFIED = set()  # (file, size, mtime, inode, sha256) hashed by this process: a resume verifies once, not thrice
 
 
 class SaveError(RuntimeError):
     """A unit could not be written (e.g. a full disk); the previous unit is untouched."""
-
-
-class UnitError(ValueError):
-    """No complete unit to resume from, or a unit whose parts disagree."""
 
 
 def unit_name(step: int) -> str:
@@ -87,11 +88,6 @@ def _step(what: str):
         _HOOK(what)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _write_unit(tmp: Path, model, tokenizer, state: dict):
     _step("model")
     model.save_pretrained(tmp, safe_serialization=True)
@@ -99,7 +95,7 @@ def _write_unit(tmp: Path, model, tokenizer, state: dict):
     tokenizer.save_pretrained(tmp)
     _step("train state")
     save_state(tmp, STATE, state)
-    files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)}
              for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != PARTIAL}
     _step("manifest")
     (tmp / MANIFEST).write_text(json.dumps({"schema": SCHEMA, "step": state["step"], "run_id": state["run_id"],
@@ -147,7 +143,7 @@ def begin_unit(out, state: dict) -> Path | None:
         except UnitError:
             doomed = units / f"{KEPT}{final.name}-{secrets.token_hex(4)}"
             os.rename(final, doomed)
-            _remove_listed(doomed)
+            remove_listed(doomed)
     tmp = units / f"{_TMP}{final.name}-{secrets.token_hex(4)}"
     try:
         _step("units folder")
@@ -192,7 +188,7 @@ def save_unit(out, model, tokenizer, state: dict, keep_last: int = 2, tmp: Path 
             _step("prune")
             doomed = units / f"{_TMP}{old.name}-{secrets.token_hex(4)}"
             os.rename(old, doomed)
-            _remove_listed(doomed)
+            remove_listed(doomed)
     except OSError as e:
         raise SaveError(f"checkpoint {final.name} was saved, but syncing {units}, updating {out / EXPORT} or "
                         f"removing older units failed ({e.strerror or e})") from None
@@ -208,64 +204,6 @@ def list_units(out) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _read_manifest(unit: Path) -> dict:
-    try:
-        manifest = json.loads((unit / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UnitError(f"{unit / MANIFEST} is missing or unreadable ({type(e).__name__})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") not in SCHEMAS \
-            or not isinstance(manifest.get("files"), dict):
-        raise UnitError(f"{unit / MANIFEST} is not a leanfit manifest")
-    return manifest
-
-
-def _inside(unit: Path, name: str) -> Path:
-    """`unit / name` when `name` stays inside the unit and no part of it is a symlink; else UnitError."""
-    parts = Path(name).parts
-    if not parts or Path(name).is_absolute() or ".." in parts:
-        raise UnitError(f"{unit / MANIFEST} lists {name!r}, a path outside the unit")
-    for i in range(1, len(parts) + 1):
-        if (unit.joinpath(*parts[:i])).is_symlink():
-            raise UnitError(f"{unit.joinpath(*parts[:i])} is a symlink (a unit holds only its own files)")
-    return unit / name
-
-
-def _check_file(unit: Path, name: str, entry) -> None:
-    path = _inside(unit, name)
-    size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get("sha256")) \
-        if isinstance(entry, dict) else (None, None)
-    if not path.is_file() or path.stat().st_size != size:
-        raise UnitError(f"{path} is missing or truncated (expected {size} bytes)")
-    if digest is not None:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, digest)
-        if key not in _VERIFIED and _sha256(path) != digest:
-            raise UnitError(f"{path} does not match its SHA-256 in {MANIFEST} (damaged)")
-        _VERIFIED.add(key)
-
-
-def verify_unit(unit) -> dict:
-    """The manifest of the unit folder `unit` after checking every file it lists; UnitError naming what is wrong."""
-    unit = Path(unit)
-    if unit.is_symlink():
-        raise UnitError(f"{unit} is a symlink (expected a unit folder)")
-    manifest = _read_manifest(unit)
-    if MANIFEST in manifest["files"]:
-        raise UnitError(f"{unit / MANIFEST} lists itself")
-    for name, entry in manifest["files"].items():
-        _check_file(unit, name, entry)
-    return manifest
-
-
-def is_unit_folder(folder) -> bool:
-    """Whether `folder` carries a leanfit unit manifest (verified or not): proof that leanfit wrote it."""
-    try:
-        _read_manifest(Path(folder))
-    except UnitError:
-        return False
-    return not Path(folder).is_symlink()
-
-
 def _check_sharded(unit: Path, optimizer):
     """A sharded optimizer entry must name a folder inside the unit that holds its index."""
     if not isinstance(optimizer, dict) or "sharded" not in optimizer:
@@ -275,7 +213,7 @@ def _check_sharded(unit: Path, optimizer):
     if not isinstance(optimizer["sharded"], str):
         raise UnitError(f"{unit / STATE}.json: the sharded optimizer entry is not a folder name")
     try:
-        read_index(_inside(unit, optimizer["sharded"]))
+        read_index(inside(unit, optimizer["sharded"]))
     except DcpFormatError as e:
         raise UnitError(str(e)) from None
 
@@ -325,34 +263,6 @@ def load_unit(unit, run_id: str | None = None) -> dict:
     return _check_unit(Path(unit), run_id)
 
 
-def _remove_listed(unit: Path) -> list[str]:
-    """Removes the files a leanfit unit folder's manifest lists (and the marker, the manifest), then each folder
-    left empty; a file it does not list stays. An unpublished folder that still carries the partial marker was
-    made empty by this save, so all of it goes. Returns what stayed."""
-    if (unit / PARTIAL).is_file() and not unit.is_symlink():
-        shutil.rmtree(unit)
-        return []
-    try:
-        names = list(_read_manifest(unit)["files"])
-    except UnitError:
-        names = []
-    for name in [*names, MANIFEST, PARTIAL]:
-        parts = Path(name).parts
-        if not parts or Path(name).is_absolute() or ".." in parts \
-                or any(unit.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts))):
-            continue
-        path = unit / name
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-    for folder in sorted((p for p in unit.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
-        if not any(folder.iterdir()):
-            folder.rmdir()
-    left = sorted(p.relative_to(unit).as_posix() for p in unit.rglob("*"))
-    if not left:
-        unit.rmdir()
-    return left
-
-
 def _owned_tmp_unit(p: Path) -> bool:
     if p.is_symlink() or not p.is_dir():
         return False
@@ -379,7 +289,7 @@ def clean_stale(out, own_names=()) -> list[str]:
                   and p.name.endswith((".tmp", ".old")) and not p.is_symlink()]
     for p in stale:
         if p.parent == units:
-            _remove_listed(p)
+            remove_listed(p)
         elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -394,7 +304,7 @@ def remove_unit_outputs(out) -> list[str]:
     removed = []
     for unit in list_units(out):
         if is_unit_folder(unit):
-            _remove_listed(unit)
+            remove_listed(unit)
             removed.append(f"{UNITS}/{unit.name}")
     units = out / UNITS
     if units.is_dir() and not units.is_symlink() and not any(units.iterdir()):
