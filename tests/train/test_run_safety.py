@@ -428,3 +428,20 @@ def test_a_sharded_optimizer_entry_must_stay_inside_its_unit_and_have_an_index(t
     for entry, expected in (("../..", "outside the unit"), ("optim", "index.json is missing"), (3, "not a folder")):
         with pytest.raises(UnitError, match=expected):
             _check_sharded(unit, {"sharded": entry})
+
+
+def test_a_unit_whose_train_state_is_malformed_or_points_outside_is_passed_over(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leanfit.train.recipe.settings import resume_point
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("gpt2"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
+    run = tmp_path / "run"
+    save_unit(run, model, tokenizer, {"step": 2, "run_id": "r", "config": {}, "metrics": []})
+    save_unit(run, model, tokenizer, {"step": 4, "run_id": "r", "config": {}, "metrics": [],
+                                      "optimizer": {"sharded": "../..", "param_groups": []}})
+    unit, _, skipped = latest_unit(run)
+    assert unit.name == "step-000002" and "outside the unit" in skipped[0]
+    with pytest.raises(ValueError, match="lacks corpus_sha256, loader"):
+        resume_point(run)
