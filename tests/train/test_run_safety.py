@@ -445,3 +445,16 @@ def test_a_unit_whose_train_state_is_malformed_or_points_outside_is_passed_over(
     assert unit.name == "step-000002" and "outside the unit" in skipped[0]
     with pytest.raises(ValueError, match="lacks corpus_sha256, loader"):
         resume_point(run)
+
+
+def test_ctrl_c_while_a_command_starts_is_one_line_and_exit_130(monkeypatch, capsys):
+    import importlib
+
+    from leanfit.train import commands
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert commands.main(["finetune", "--help"]) == 130
+    assert one_line(capsys.readouterr().err) == "leanfit finetune: error: interrupted"
