@@ -17,7 +17,6 @@ import torch
 
 from leanfit.train.checkpointing import checkpoint
 from leanfit.train.checkpointing.checkpoint import latest_unit, list_units
-from leanfit.train.checkpointing.lock import LOCK
 from leanfit.train.checkpointing.state_files import StateFileError, load_state, save_state
 from leanfit.train.commands.estimate import main as estimate_main
 from leanfit.train.commands.evaluate import main as evaluate_main
@@ -274,8 +273,7 @@ def test_leftovers_of_an_interrupted_save_are_removed_at_the_next_start(tmp_path
     capsys.readouterr()
     assert finetune_main(["--resume", str(out), "--iters", "4"]) == 0
     assert "removed from" in capsys.readouterr().out
-    assert not [p for p in [*out.iterdir(), *(out / "checkpoints").iterdir()] if p.name.startswith(".")
-                and p.name != LOCK]
+    assert not [p for p in [*out.iterdir(), *(out / "checkpoints").iterdir()] if p.name.startswith(".")]
 
 
 def test_an_old_pickled_train_state_is_never_loaded(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """One writer per run folder: an advisory `fcntl.flock` on `.leanfit.lock`, held while the run lives.
 
 The kernel drops the lock when the holding process ends, however it ends (a `kill -9` included), so a lock is
-never stale; the file stays, and names the last holder (pid and start time) for the refusal message.
+never stale. The file names the holder (pid and start time) for the refusal message; a run that ends removes it
+(and the run folder, when the lock made it and nothing else was written). A process that got the lock of a file
+removed meanwhile sees that the path no longer names its file, and locks the new one.
 """
 
 import fcntl
@@ -18,13 +20,17 @@ LOCK = ".leanfit.lock"
 class RunLock:
     """A held lock on a run folder; `release()` (or process exit) frees it."""
 
-    def __init__(self, fd: int, path: Path):
-        self.fd, self.path = fd, path
+    def __init__(self, fd: int, path: Path, made_folder: bool):
+        self.fd, self.path, self.made_folder = fd, path, made_folder
 
     def release(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+        if self.made_folder and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()
 
 
 def _holder(fd: int) -> str:
@@ -54,6 +60,13 @@ def check_unlocked(folder):
         os.close(fd)
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def lock_run(folder) -> RunLock:
     """Takes the run folder's lock (making the folder if needed).
 
@@ -61,16 +74,21 @@ def lock_run(folder) -> RunLock:
         ValueError naming the holder's pid and start time when another process holds it.
     """
     folder = Path(folder)
+    made_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise _busy(folder, holder) from None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise _busy(folder, holder) from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder removed this file as it ended: lock the one now at `path`
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": started}).encode("utf-8"), 0)
-    return RunLock(fd, path)
+    return RunLock(fd, path, made_folder)
