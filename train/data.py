@@ -8,6 +8,7 @@ sees all T tokens of a block and predicts the T - 1 next tokens `b[1:]` from `b[
 integers and a resumed run sees the same batches as an uninterrupted one.
 """
 
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -78,6 +79,11 @@ def _read_one(path: Path, encoding: str) -> str:
         raise CorpusError(f"unknown encoding {encoding!r} (expected a Python codec name, e.g. utf-8)") from None
     text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     return strip_gutenberg(text)
+
+
+def text_sha256(text: str) -> str:
+    """The SHA-256 of a corpus text (UTF-8), which a run records and a resume compares."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def read_corpus(path, encoding: str = "utf-8") -> str:

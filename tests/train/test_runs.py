@@ -266,6 +266,7 @@ def test_leftovers_of_an_interrupted_save_are_removed_at_the_next_start(tmp_path
     out = tmp_path / "run"
     assert finetune_main(argv(tmp_path, corpus, "run", "--iters", "2")) == 0
     (out / "checkpoints" / ".tmp-step-000004-dead").mkdir()
+    (out / "checkpoints" / ".tmp-step-000004-dead" / checkpoint.PARTIAL).write_text("run id")
     (out / "checkpoints" / ".tmp-step-000004-dead" / "model.safetensors").write_bytes(b"half")
     os.symlink("checkpoints/step-000002", out / ".checkpoint.tmp-dead")
     (out / ".metrics.jsonl.abc.tmp").write_text("half")
@@ -287,9 +288,11 @@ def test_an_old_pickled_train_state_is_never_loaded(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TRAIN_TEXT)
     (tmp_path / "prompts.txt").write_text("You are a\n")
-    assert finetune_main(argv(tmp_path, corpus, "old", "--iters", "2", "--overwrite")) == 0
-    assert not (old / "train_state.pt").exists() and (old / "notes.txt").read_text() == "mine"
-    assert [u.name for u in list_units(old)] == ["step-000002"] and (old / "checkpoint").is_symlink()
+    capsys.readouterr()
+    assert finetune_main(argv(tmp_path, corpus, "old", "--iters", "2", "--overwrite")) == 2
+    assert "was not made by leanfit" in one_line(capsys.readouterr().err)
+    assert (old / "train_state.pt").exists() and (old / "notes.txt").read_text() == "mine"
+    assert (old / "checkpoint" / "config.json").is_file() and not list_units(old)
     assert not marker.exists()
 
 
@@ -373,13 +376,15 @@ def test_bad_evaluate_and_estimate_input_is_one_line_before_any_weight(tmp_path,
     assert "more than the model's 1024 positions" in one_line(capsys.readouterr().err)
 
 
-def test_a_corrupt_run_json_is_named(tmp_path, corpus, capsys):
+def test_a_corrupt_run_json_is_named_and_rebuilt_from_the_newest_unit(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     assert finetune_main(argv(tmp_path, corpus, "run", "--iters", "2")) == 0
     (out / "run.json").write_text('{"config": ')
     capsys.readouterr()
-    assert finetune_main(["--resume", str(out)]) == 2
-    assert f"{out / 'run.json'} is not valid JSON" in one_line(capsys.readouterr().err)
+    assert finetune_main(["--resume", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {out / 'run.json'} is not valid JSON" in err and "rebuilt from the newest verified" in err
+    assert json.loads((out / "run.json").read_text())["schema"] == "leanfit.run/1"
 
 
 def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path, corpus, monkeypatch, capsys):
@@ -428,11 +433,14 @@ def test_the_cache_lists_and_clears_and_a_new_conversion_prunes_stale_ones(tmp_p
                                                   "mtime_ns": stat.st_mtime_ns}))
     (gone / models.SOURCE).write_text(json.dumps({"gguf": str(tmp_path / "removed.gguf"), "size": 1,
                                                   "mtime_ns": 1}))
+    models._write_index(tmp_path / "cache", [gone.name, kept.name])
+    (tmp_path / "cache" / "mine").mkdir()
     assert cache_main(["list"]) == 0
     assert "2 converted model(s)" in capsys.readouterr().out
     assert models._source_gone(gone) and not models._source_gone(kept)
-    assert cache_main(["clear"]) == 0
-    assert "removed 2 entries" in capsys.readouterr().out and not list((tmp_path / "cache").iterdir())
+    assert cache_main(["clear", "--yes"]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [models.INDEX, "mine"]
 
 
 def test_no_torch_load_without_weights_only_in_the_package():

@@ -1,10 +1,13 @@
 """Atomic file and folder writes: each output appears complete under its final name, or not at all.
 
 A file is written to a temporary sibling and moved into place with `os.replace`, which is atomic on
-POSIX and Windows. A folder (a `save_pretrained` checkpoint) is written to a temporary sibling folder;
-an existing folder of the same name is moved aside first and removed after the new one is in place.
+POSIX and Windows. A folder (a `save_pretrained` checkpoint) is written to a temporary sibling folder and
+swapped with an existing folder of the same name in one step (Linux `renameat2(RENAME_EXCHANGE)`), so a kill
+leaves the old folder or the new one under the name; elsewhere the old one is moved aside first. The old
+folder is removed afterwards.
 """
 
+import ctypes
 import json
 import os
 import shutil
@@ -12,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_dir", "atomic_path", "check_writable"]
+__all__ = ["fsync_path", "atomic_write_text", "atomic_write_json", "atomic_dir", "atomic_path", "check_writable"]
 
 
 def _umask() -> int:
@@ -21,9 +24,20 @@ def _umask() -> int:
     return mask
 
 
+def fsync_path(path):
+    """Flushes a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_path(path):
-    """Yields a temporary path next to `path`; moves it to `path` when the block ends without error."""
+def atomic_path(path, sync: bool = False):
+    """Yields a temporary path next to `path`; moves it to `path` when the block ends without error (with `sync`:
+    the file is flushed to the disk before the move and the folder after it, so a power cut leaves the old file
+    or the new one, never an empty one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -31,19 +45,23 @@ def atomic_path(path):
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
+        if sync:
+            fsync_path(tmp)
         os.replace(tmp, path)
+        if sync:
+            fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path, text: str):
-    with atomic_path(path) as tmp:
+def atomic_write_text(path, text: str, sync: bool = False):
+    with atomic_path(path, sync) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+def atomic_write_json(path, obj, sync: bool = False):
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n", sync)
 
 
 @contextmanager
@@ -58,6 +76,9 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+        return
     old = None
     if path.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -65,6 +86,16 @@ def atomic_dir(path):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where that is not available."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def check_writable(path, what: str, folder: bool = False):

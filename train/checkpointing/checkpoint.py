@@ -13,6 +13,11 @@ replaced atomically afterwards; the oldest units beyond `keep_last` are removed 
 unit whose manifest, files and state agree (`latest_unit`); a kill at any point leaves the previous unit or
 the new one as that unit, never a mix. An old unit is renamed out of the `step-*` names before it is
 deleted. `clean_stale` removes what an interrupted save left behind.
+
+The manifest records each file's size and SHA-256; a unit verifies when every listed file is a regular file
+(no symlink, no path leaving the unit) of that size and hash. Nothing is deleted because of its name alone:
+a unit folder is removed only when its manifest (or, unpublished, its `.leanfit-partial` marker) proves it
+leanfit's, and then only the files it lists.
 """
 
 import json
@@ -24,25 +29,33 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from .atomic import fsync_path
+from .manifest import (
+    MANIFEST,
+    PARTIAL,
+    SCHEMA,
+    UnitError,
+    inside,
+    is_unit_folder,
+    remove_listed,
+    sha256,
+    verify_unit,
+)
 from .state_files import StateFileError, load_state, save_state
 
-__all__ = ["UNITS", "EXPORT", "SaveError", "UnitError", "unit_name", "begin_unit", "save_unit", "latest_unit",
-           "list_units", "load_unit", "clean_stale", "remove_unit_outputs"]
+__all__ = ["UNITS", "EXPORT", "MANIFEST", "SaveError", "UnitError", "unit_name", "begin_unit", "save_unit",
+           "latest_unit", "list_units", "load_unit", "verify_unit", "is_unit_folder", "clean_stale",
+           "remove_unit_outputs"]
 
 UNITS = "checkpoints"
 EXPORT = "checkpoint"
 STATE = "train_state"
-MANIFEST = "unit.json"
-SCHEMA = "leanfit.checkpoint/1"
 _TMP = ".tmp-"
+KEPT = ".kept-"  # a damaged unit moved aside: what its manifest does not list (or no manifest at all) stays there
 
 
 class SaveError(RuntimeError):
     """A unit could not be written (e.g. a full disk); the previous unit is untouched."""
-
-
-class UnitError(ValueError):
-    """No complete unit to resume from, or a unit whose parts disagree."""
 
 
 def unit_name(step: int) -> str:
@@ -75,14 +88,6 @@ def _step(what: str):
         _HOOK(what)
 
 
-def _fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_unit(tmp: Path, model, tokenizer, state: dict):
     _step("model")
     model.save_pretrained(tmp, safe_serialization=True)
@@ -90,14 +95,16 @@ def _write_unit(tmp: Path, model, tokenizer, state: dict):
     tokenizer.save_pretrained(tmp)
     _step("train state")
     save_state(tmp, STATE, state)
-    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != PARTIAL}
     _step("manifest")
     (tmp / MANIFEST).write_text(json.dumps({"schema": SCHEMA, "step": state["step"], "run_id": state["run_id"],
                                             "files": files}, indent=1), encoding="utf-8")
+    (tmp / PARTIAL).unlink()
     _step("fsync")
     for p in tmp.rglob("*"):
-        _fsync(p)
-    _fsync(tmp)
+        fsync_path(p)
+    fsync_path(tmp)
 
 
 def _link_export(out: Path, name: str):
@@ -118,7 +125,8 @@ def _save_error(out: Path, final: Path, e: Exception) -> SaveError:
 
 def begin_unit(out, state: dict) -> Path | None:
     """Creates the hidden folder the unit of `state["step"]` is written into, and returns it; None when a
-    complete unit of that step is already published (a damaged one is removed first).
+    complete unit of that step is already published (a damaged one is moved aside to `.kept-*`, and the files
+    its manifest lists are removed).
 
     `save_unit` calls it; a run over several ranks calls it on rank 0 and lets every rank write its shards
     into the folder before `save_unit(..., tmp=folder)` publishes it.
@@ -133,15 +141,16 @@ def begin_unit(out, state: dict) -> Path | None:
             _check_unit(final, state["run_id"], tensors=False)
             return None
         except UnitError:
-            doomed = units / f"{_TMP}{final.name}-damaged-{secrets.token_hex(4)}"
+            doomed = units / f"{KEPT}{final.name}-{secrets.token_hex(4)}"
             os.rename(final, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            remove_listed(doomed)
     tmp = units / f"{_TMP}{final.name}-{secrets.token_hex(4)}"
     try:
         _step("units folder")
         units.mkdir(parents=True, exist_ok=True)
         _step("unit folder")
         tmp.mkdir()
+        (tmp / PARTIAL).write_text(state["run_id"], encoding="utf-8")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _save_error(out, final, e) from None
@@ -168,21 +177,21 @@ def save_unit(out, model, tokenizer, state: dict, keep_last: int = 2, tmp: Path 
         _write_unit(tmp, model, tokenizer, state)
         _step("publish")
         os.rename(tmp, final)
-        _step("fsync units")
-        _fsync(units)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _save_error(out, final, e) from None
     try:
+        _step("fsync units")
+        fsync_path(units)
         _link_export(out, final.name)
         for old in list_units(out)[:-keep_last] if keep_last > 0 else []:
             _step("prune")
             doomed = units / f"{_TMP}{old.name}-{secrets.token_hex(4)}"
             os.rename(old, doomed)
-            shutil.rmtree(doomed)
+            remove_listed(doomed)
     except OSError as e:
-        raise SaveError(f"checkpoint {final.name} was saved, but updating {out / EXPORT} or removing older units "
-                        f"failed ({e.strerror or e})") from None
+        raise SaveError(f"checkpoint {final.name} was saved, but syncing {units}, updating {out / EXPORT} or "
+                        f"removing older units failed ({e.strerror or e})") from None
     return final
 
 
@@ -195,44 +204,54 @@ def list_units(out) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _check_unit(unit: Path, run_id: str | None, tensors: bool = True) -> dict:
-    """The unit's train state, after checking that its manifest, files and state agree."""
+def _check_sharded(unit: Path, optimizer):
+    """A sharded optimizer entry must name a folder inside the unit that holds its index."""
+    if not isinstance(optimizer, dict) or "sharded" not in optimizer:
+        return
+    from .dcp_storage import DcpFormatError, read_index  # deferred: torch.distributed.checkpoint, sharded runs only
+
+    if not isinstance(optimizer["sharded"], str):
+        raise UnitError(f"{unit / STATE}.json: the sharded optimizer entry is not a folder name")
     try:
-        manifest = json.loads((unit / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UnitError(f"{unit / MANIFEST} is missing or unreadable ({type(e).__name__})") from None
+        read_index(inside(unit, optimizer["sharded"]))
+    except DcpFormatError as e:
+        raise UnitError(str(e)) from None
+
+
+def _check_unit(unit: Path, run_id: str | None, tensors: bool = True, required=()) -> dict:
+    """The unit's train state, after checking that its manifest, files and state agree."""
+    manifest = verify_unit(unit)
     step = int(unit.name[5:])
-    if manifest.get("schema") != SCHEMA or manifest.get("step") != step:
+    if manifest.get("step") != step:
         raise UnitError(f"{unit / MANIFEST} does not describe step {step}")
-    for name, size in manifest.get("files", {}).items():
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise UnitError(f"{unit / MANIFEST} lists {name!r}, a file outside the unit")
-        path = unit / name
-        if not path.is_file() or path.stat().st_size != size:
-            raise UnitError(f"{path} is missing or truncated (expected {size} bytes)")
     try:
         state = load_state(unit, STATE, tensors=tensors)
     except StateFileError as e:
         raise UnitError(str(e)) from None
-    if state.get("step") != step or state.get("run_id") != manifest.get("run_id"):
-        raise UnitError(f"{unit}: its train state (step {state.get('step')}) and manifest (step {step}) disagree")
+    if not isinstance(state, dict) or state.get("step") != step or state.get("run_id") != manifest.get("run_id"):
+        raise UnitError(f"{unit}: its train state and manifest (step {step}) disagree")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise UnitError(f"{unit / STATE}.json lacks {', '.join(missing)} (not a leanfit train state)")
+    _check_sharded(unit, state.get("optimizer"))
     if run_id is not None and state["run_id"] != run_id:
         raise UnitError(f"{unit} belongs to another run (run id {state['run_id']}, the folder's run.json says "
                         f"{run_id})")
     return state
 
 
-def latest_unit(out, run_id: str | None = None, tensors: bool = True) -> tuple[Path, dict, list[str]]:
+def latest_unit(out, run_id: str | None = None, tensors: bool = True, required=()) -> tuple[Path, dict, list[str]]:
     """The newest complete unit of `out`: (folder, train state, [why each newer unit was passed over]).
 
-    `run_id`, when given, must be the unit's; `tensors=False` reads the state's JSON part only.
+    `run_id`, when given, must be the unit's; `tensors=False` reads the state's JSON part only; `required`: keys
+    the train state must have.
     Raises:
         UnitError when no unit is complete.
     """
     skipped = []
     for unit in reversed(list_units(out)):
         try:
-            return unit, _check_unit(unit, run_id, tensors), skipped
+            return unit, _check_unit(unit, run_id, tensors, required), skipped
         except UnitError as e:
             skipped.append(str(e))
     detail = f": {'; '.join(skipped)}" if skipped else ""
@@ -244,31 +263,53 @@ def load_unit(unit, run_id: str | None = None) -> dict:
     return _check_unit(Path(unit), run_id)
 
 
-def clean_stale(out) -> list[str]:
-    """Removes what interrupted saves left in `out` (unpublished units, temporary links and files); returns
-    their names."""
+def _owned_tmp_unit(p: Path) -> bool:
+    if p.is_symlink() or not p.is_dir():
+        return False
+    return not any(p.iterdir()) or (p / PARTIAL).is_file() or is_unit_folder(p)
+
+
+def _owned_tmp_link(p: Path) -> bool:
+    return p.is_symlink() and Path(os.readlink(p)).parts[:1] == (UNITS,)
+
+
+def clean_stale(out, own_names=()) -> list[str]:
+    """Removes what interrupted saves left in `out` and can be proven leanfit's: unpublished unit folders that
+    carry the partial marker or a manifest (only the files listed), temporary `checkpoint` links into
+    `checkpoints/`, and the temporary siblings `.NAME.*.tmp` / `.NAME.*.old` of the outputs named in
+    `own_names`. Returns their names."""
     out = Path(out)
     stale = []
     units = out / UNITS
-    if units.is_dir():
-        stale += [p for p in units.iterdir() if p.name.startswith(_TMP)]
+    if units.is_dir() and not units.is_symlink():
+        stale += [p for p in units.iterdir() if p.name.startswith(_TMP) and _owned_tmp_unit(p)]
     if out.is_dir():
-        stale += [p for p in out.iterdir() if p.name.startswith(f".{EXPORT}{_TMP}")
-                  or (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        stale += [p for p in out.iterdir() if p.name.startswith(f".{EXPORT}{_TMP}") and _owned_tmp_link(p)]
+        stale += [p for p in out.iterdir() if any(p.name.startswith(f".{n}.") for n in own_names)
+                  and p.name.endswith((".tmp", ".old")) and not p.is_symlink()]
     for p in stale:
-        if p.is_dir() and not p.is_symlink():
+        if p.parent == units:
+            remove_listed(p)
+        elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
     return sorted(p.name for p in stale)
 
 
-def remove_unit_outputs(out):
-    """Removes a previous run's units and export link from `out` (for --overwrite)."""
+def remove_unit_outputs(out) -> list[str]:
+    """Removes a previous run's units (the files their manifests list) and its `checkpoint` link from `out`
+    (for --overwrite); returns what it removed. A foreign file or folder in `checkpoints/` stays."""
     out = Path(out)
-    if (out / UNITS).is_dir():
-        shutil.rmtree(out / UNITS)
-    if (out / EXPORT).is_symlink() or (out / EXPORT).is_file():
+    removed = []
+    for unit in list_units(out):
+        if is_unit_folder(unit):
+            remove_listed(unit)
+            removed.append(f"{UNITS}/{unit.name}")
+    units = out / UNITS
+    if units.is_dir() and not units.is_symlink() and not any(units.iterdir()):
+        units.rmdir()
+    if _owned_tmp_link(out / EXPORT):
         (out / EXPORT).unlink()
-    elif (out / EXPORT).is_dir():
-        shutil.rmtree(out / EXPORT)
+        removed.append(EXPORT)
+    return removed

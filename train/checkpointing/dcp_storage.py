@@ -32,6 +32,8 @@ from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
+from .atomic import fsync_path
+
 __all__ = ["SafeWriter", "SafeReader", "INDEX", "DcpFormatError"]
 
 INDEX = "index.json"
@@ -43,14 +45,6 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float
 
 class DcpFormatError(ValueError):
     """An index or shard file that is not what `SafeWriter` writes."""
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _key(index: MetadataIndex) -> str:
@@ -105,7 +99,7 @@ class SafeWriter(_Folder, StorageWriter):
         if tensors:
             path = self.path / plan.storage_data
             save_file(tensors, str(path))
-            _fsync(path)
+            fsync_path(path)
         future = Future()
         future.set_result(results)
         return future
@@ -121,7 +115,7 @@ class SafeWriter(_Folder, StorageWriter):
         path = self.path / INDEX
         tmp = path.with_name(f".{INDEX}.tmp")
         tmp.write_text(json.dumps({"schema": SCHEMA, "tensors": tensors}), encoding="utf-8")
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
 
     def storage_meta(self):

@@ -36,6 +36,14 @@ def main(argv=None):
     if name not in COMMANDS:
         print(f"leanfit: unknown command {name!r}; expected one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    try:
+        return _run(name, rest)
+    except KeyboardInterrupt:  # Ctrl-C while the command starts up (imports) or outside its own handling
+        print(f"leanfit {name}: error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(name: str, rest: list) -> int:
     module_name = COMMANDS[name][0]
     try:
         module = importlib.import_module(module_name)

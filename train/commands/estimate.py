@@ -70,7 +70,7 @@ def build_parser() -> OneLineParser:
                    "micro-batches of 4,096 tokens, LoRA (and on CUDA QLoRA) may be chosen")
     p.add_argument("--cuda-context", type=flag_type(parse_bytes, "size"), default=None,
                    help=f"CUDA context size (default {CUDA_CONTEXT_BYTES // MiB}MiB)")
-    p.add_argument("--allocator-margin", type=float, default=None,
+    p.add_argument("--allocator-margin", type=non_negative_float, default=None,
                    help=f"fraction added for allocator rounding and fragmentation (default {ALLOCATOR_MARGIN})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p

@@ -29,6 +29,7 @@ from .common import (
 __all__ = ["build_parser", "parse_args", "print_summary", "print_dry_run", "main", "rank_main"]
 
 LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+PATH_FLAGS = ("out", "resume", "corpus", "prompts", "model")  # "~/runs/a" is the home folder's, not a folder "~"
 
 
 def _block_size(text) -> int:
@@ -133,6 +134,7 @@ def parse_args(argv) -> tuple[cfg.TrainConfig, bool, bool]:
 def parse(argv) -> tuple[cfg.TrainConfig, ResumePoint | None, bool, bool]:
     """(the run's config, its resume point, dry run?, overwrite?) from the command line."""
     flags = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    flags.update({k: os.path.expanduser(flags[k]) for k in PATH_FLAGS if k in flags})
     preset = flags.pop("preset", None)
     dry_run = bool(flags.pop("dry_run", False))
     overwrite = bool(flags.pop("overwrite", False))
@@ -148,7 +150,8 @@ def print_summary(s: dict):
     out = Path(s["out"])
     print(f"\n{s['status']}: {s['steps']} steps on {s['device']}, {s['seconds']:.0f} s")
     if s["val_ppl_start"] is not None:
-        print(f"validation perplexity: {s['val_ppl_start']:.2f} at the start -> {s['val_ppl_end']:.2f} at the end")
+        end = "at the end" if s.get("val_step_end") == s["steps"] else f"at step {s.get('val_step_end')}"
+        print(f"validation perplexity: {s['val_ppl_start']:.2f} at the start -> {s['val_ppl_end']:.2f} {end}")
     written = [f for f in FILES.get(s["status"], ()) if os.path.lexists(out / f.rstrip("/"))]
     print(f"outputs in {out}/: {' '.join(written)}")
 
@@ -200,6 +203,10 @@ def main(argv=None) -> int:
     except (FloatingPointError, OutOfMemory, SaveError) as e:
         fail(prog, e)
         return 1
+    except KeyboardInterrupt:
+        fail(prog, KeyboardInterrupt("interrupted (the newest complete checkpoint, if any, is kept; --resume "
+                                     "continues from it)"))
+        return 130
     if s["status"] == "dry-run":
         print_dry_run(s)
         return 0

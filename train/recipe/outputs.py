@@ -85,6 +85,7 @@ def summary(ctx) -> dict:
         "val_ppl_end": evals[-1]["val_ppl"] if evals else None,
         "val_loss_start": evals[0]["val_loss"] if evals else None,
         "val_loss_end": evals[-1]["val_loss"] if evals else None,
+        "val_step_end": evals[-1]["step"] if evals else None,
         "tokens_per_step": c.batch_size * c.block_size * c.grad_accum,
         "device": str(ctx.device),
         "corpus": ctx.corpus_info,
@@ -93,9 +94,12 @@ def summary(ctx) -> dict:
 
 
 def write_run_json(ctx):
+    """run.json, flushed to the disk; `outputs` lists the top-level files this ending writes (what a later
+    --overwrite may remove; the units are proven by their manifests)."""
+    outputs = ["run.json", *(f.rstrip("/") for f in FILES.get(ctx.status, ()) if f.rstrip("/") not in (UNITS, EXPORT))]
     atomic_write_json(ctx.out / "run.json", {"schema": RUN_SCHEMA, "run_id": ctx.run_id,
                                              "config": cfg.to_dict(ctx.config), "summary": summary(ctx),
-                                             "resumes": ctx.resumes})
+                                             "resumes": ctx.resumes, "outputs": outputs}, sync=True)
 
 
 def write_memory_report(ctx):
