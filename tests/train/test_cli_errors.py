@@ -78,6 +78,7 @@ def test_generate_bad_numbers(capsys):
     assert exit_.value.code == 2 and "--max-length" in one_line_error(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_console_script_end_to_end(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "leanfit", "finetune", "--model", "nobody/no-such-model",

@@ -107,7 +107,7 @@ class Killed(Exception):
 
 
 def _killer_at(step: str, monkeypatch):
-    real_write_text, real_fsync, real_replace = Path.write_text, dcp_storage._fsync, os.replace
+    real_write_text, real_fsync, real_replace = Path.write_text, dcp_storage.fsync_path, os.replace
 
     def write_text(self, text, *args, **kwargs):
         if step == "mid-write" and INDEX in self.name:
@@ -126,7 +126,7 @@ def _killer_at(step: str, monkeypatch):
         return real_replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", write_text)
-    monkeypatch.setattr(dcp_storage, "_fsync", fsync)
+    monkeypatch.setattr(dcp_storage, "fsync_path", fsync)
     monkeypatch.setattr(os, "replace", replace)
 
 

@@ -36,8 +36,11 @@ from tests.tiny_lm import TRAIN_TEXT, tiny_model_dir
 from tests.train import dist_worker
 from tests.train.test_runs import hostile
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with the gloo backend")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="needs torch.distributed with the gloo backend"),
+    pytest.mark.slow,  # 2-rank jobs: torchrun, leanfit launch or torch.multiprocessing, 5-20 s each
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}

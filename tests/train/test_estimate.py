@@ -186,6 +186,7 @@ def test_choice_for_a_finetune_config_keeps_sequences_per_step(tmp_path):
     assert choice.estimate.peak_bytes < full
 
 
+@pytest.mark.slow
 def test_smollm2_architecture_matches_the_gguf_metadata():
     import glob
     import importlib.util

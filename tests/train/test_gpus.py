@@ -55,6 +55,7 @@ def test_the_table_has_nvidias_compute_capabilities_and_bf16_from_sm80():
     assert all(card.bf16 == (card.capability >= BF16_FROM) for card in GPUS.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(GPUS))
 def test_every_card_gets_a_plan_that_fits_its_memory_in_a_dtype_it_runs(plans, name):
     code, plan = plans[name]
@@ -108,6 +109,7 @@ def test_a_run_on_another_card_is_refused_in_one_line_before_any_planning(monkey
         raise AssertionError("planned or loaded before checking the card")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: _props(
         "NVIDIA A100-SXM4-40GB", 39.50, 8, 0))
     monkeypatch.setattr(finetune, "plan_memory", not_before_the_check)
@@ -126,6 +128,7 @@ def test_the_card_named_passes_the_check_and_planning_starts(monkeypatch, tmp_pa
         raise Planned(config.gpu)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: _props("Tesla T4", 14.75, 7, 5))
     monkeypatch.setattr(finetune, "plan_memory", planned)
     with pytest.raises(Planned, match="t4"):

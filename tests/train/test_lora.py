@@ -98,6 +98,7 @@ def test_a_frozen_head_gets_no_weight_gradient_buffer(impl):
     assert tuple(head.shape) in shapes() and head.grad is not None
 
 
+@pytest.mark.slow
 def test_lora_on_the_embedded_smollm2_lowers_the_loss_and_changes_only_adapters():
     model, tokenizer = load_model("smollm2-135m")
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -267,6 +268,7 @@ def _architecture(name):
 
 @pytest.mark.parametrize("model,batch,block,lora,optimizer", [c[1:] for c in ESTIMATE_CASES],
                          ids=[c[0] for c in ESTIMATE_CASES])
+@pytest.mark.slow
 def test_the_estimate_equals_the_measured_cpu_peak_within_3_percent(model, batch, block, lora, optimizer):
     config = _architecture(model)
     real = measured_peak(config, batch, block, "chunked", lora=lora, optimizer=optimizer)["peak"]["bytes"]
@@ -290,6 +292,7 @@ def test_the_4bit_stand_in_holds_what_bitsandbytes_keeps():
     assert [(tuple(t.shape), t.dtype) for t in ours] == [(tuple(t.shape), t.dtype) for t in real]
 
 
+@pytest.mark.slow
 def test_qlora_keeps_the_base_in_4_bits_and_no_state_for_it():
     common = dict(model="smollm2-135m", batch_size=1, block_size=64, loss_impl="chunked", autocast="fp16",
                   gpu="t4", dtype="fp16")

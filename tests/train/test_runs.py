@@ -108,6 +108,7 @@ def test_a_pickle_in_place_of_a_state_file_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_kill_at_every_step_of_a_save_leaves_the_previous_or_the_new_unit(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "tests.train.crash_worker", str(tmp_path)], capture_output=True,
@@ -125,6 +126,7 @@ def test_a_kill_at_every_step_of_a_save_leaves_the_previous_or_the_new_unit(tmp_
         assert not r["left"], r
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_in_a_save_equals_an_uninterrupted_run_bit_for_bit(tmp_path, corpus):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cli = [sys.executable, "-m", "leanfit", "finetune"]
@@ -144,6 +146,7 @@ def test_resume_after_sigkill_in_a_save_equals_an_uninterrupted_run_bit_for_bit(
         assert not [p for p in (tmp_path / name / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_is_one_line_and_the_previous_unit_stays(tmp_path, corpus):
     out = tmp_path / "run"
     assert finetune_main(argv(tmp_path, corpus, "run", "--iters", "2")) == 0
