@@ -319,12 +319,13 @@ def _cell(r: Row) -> str:
         tiles = f"J{cfg['BLOCK_J']} B{cfg['BLOCK_B']} x{cfg['grid']}"
     tiles += f" w{cfg.get('num_warps', 4)}" + (f" s{cfg['num_stages']}" if "num_stages" in cfg else "")
     spill = f"{r.spill_stores}" if r.spill_stores == r.spill_loads else f"{r.spill_stores}/{r.spill_loads}"
-    return f"{r.registers} / {spill} / {r.shared // 1024} ({tiles})"
+    return f"{r.registers} / {spill} / {r.shared // 1024} / {r.mma} ({tiles})"
 
 
 def format_markdown(rows: list[Row]) -> str:
     """One line per kernel, dtype, variant and flags, one column per architecture: registers / spill bytes per
-    thread / shared KiB (tiles, warps, stages); widths with identical results share a line."""
+    thread / shared KiB / tensor-core instructions in the PTX (tiles, warps, stages); widths with identical
+    results share a line."""
     archs = sorted({r.arch for r in rows})
     cells: dict[tuple, dict] = {}
     for r in rows:
