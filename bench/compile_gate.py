@@ -307,7 +307,7 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
 
 
-_TILE_KEYS = ("BLOCK_H", "BLOCK_N", "BLOCK_K", "BN", "BV", "BH")
+_TILE_KEYS = ("BLOCK_H", "BLOCK_N", "BLOCK_K", "BN", "BV", "BH", "BLOCK_V")
 
 
 def _cell(r: Row) -> str:

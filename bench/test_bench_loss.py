@@ -3,7 +3,7 @@
 
 Providers: `naive` F.cross_entropy(F.linear(h, W), y); `manual`, the users' log_softmax + gather recipe;
 `native`, torch's chunked F.linear_cross_entropy(..., options=LinearCrossEntropyOptions()) (torch >= 2.13,
-skipped where missing); `chunked` and `triton` (GPU), ours; `liger` (Liger-Kernel) and `cce` (Apple's
+skipped where missing); `chunked`, `triton` and `hybrid` (GPU), ours; `liger` (Liger-Kernel) and `cce` (Apple's
 cut_cross_entropy) on GPU when importable.
 
 Accuracy, once per case: `loss_err` (absolute) and `dh_err`, `dw_err` (relative RMS; dW over the target rows
@@ -84,11 +84,12 @@ PROVIDERS = {
     "native": _native,
     "chunked": lambda h, w, y: linear_cross_entropy(h, w, y, impl="chunked"),
     "triton": lambda h, w, y: linear_cross_entropy(h, w, y, impl="triton"),
+    "hybrid": lambda h, w, y: linear_cross_entropy(h, w, y, impl="hybrid"),
     "liger": _liger,
     "cce": _cce,
 }
 CPU_PROVIDERS = ["naive", "manual", "native", "chunked"]
-GPU_PROVIDERS = ["naive", "manual", "native", "chunked", "triton", "liger", "cce"]
+GPU_PROVIDERS = ["naive", "manual", "native", "chunked", "triton", "hybrid", "liger", "cce"]
 _REFERENCE = {}
 
 
