@@ -103,7 +103,7 @@ def _lstm_launches(case: Case):
     T, B, H = LSTM_T, LSTM_B, case.width
     lengths = _meta(B, dtype=torch.int32)
     recompute = "recompute" in case.flags
-    _, fwd_cfg, bwd_cfg = lstm_config(B, H, dtype, case.arch, case.variant)
+    _, fwd_cfg, bwd_cfg = lstm_config(B, H, dtype, case.arch, case.variant, tf32="tf32" in case.flags)
     with record_launches() as launches:
         xw = _meta(T, B, 4 * H, dtype=dtype)
         w_hh = _meta(4 * H, H, dtype=dtype)
@@ -119,7 +119,8 @@ def _lstm_cases(archs):
         for dtype in DTYPES:
             for H in LSTM_H:
                 for variant in lstm_variants(H, arch, DTYPES[dtype]):
-                    for flags in ((), ("recompute",)):
+                    tf32 = (("tf32",), ("tf32", "recompute")) if dtype == "fp32" else ()
+                    for flags in ((), ("recompute",), *tf32):
                         yield Case("lstm", arch, dtype, H, variant, flags)
 
 

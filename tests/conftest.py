@@ -18,6 +18,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """fp32 products in ieee fp32 (nn.LSTM's cuDNN and the fused LSTM follow `cudnn.allow_tf32`, on by default):
+    the fp32 tolerances assume it; tests of the TF32 path switch it on themselves."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

@@ -35,6 +35,7 @@ from .bwd import _lstm_bwd_onchip_kernel, _lstm_bwd_tiled_kernel
 from .fwd import _lstm_fwd_onchip_kernel, _lstm_fwd_tiled_kernel
 from .persistent_bwd import _lstm_bwd_persistent_kernel
 from .persistent_fwd import _lstm_fwd_persistent_kernel
+from .plan import ONCHIP_STEP_US, persistent_plan
 
 __all__ = ["INTERPRETED", "VARIANTS", "lstm_config", "lstm_variants", "onchip_max_h", "persistent_shape"]
 
@@ -60,10 +61,9 @@ GATE_SMS = {75: 40, 80: 108, 90: 132}
 MIN_BLOCK_J = 4
 # Warps per persistent program: one per K chunk of its batched dot.
 PERSISTENT_WARPS = 8
-# Rows of h (forward) or of one gate's dgates (backward) times BLOCK_H that a persistent program stages for its
-# dot: above these the dot operands no longer fit 8 warps' registers (the recompute backward spills 8 B per
-# thread at 16,384 on sm_80 and sm_90).
-PERSISTENT_STAGED = (16384, 8192)
+# Elements of a streamed slice's (chunk, 4J) dot tile: 16 fp32 registers a thread at 8 warps; the H chunk is
+# split in SPLIT_K pieces of BLOCK_K, one per warp.
+STREAM_TILE = 4096
 # Under the interpreter: 8 units per program (H = 64 runs 8 programs) and 2 K chunks, so the chunk sum runs.
 INTERPRETER_BLOCK_J, INTERPRETER_SPLIT_K = 8, 2
 # One persistent program per SM may use the whole register file (8 warps x 255 <= 65,536); without the bound
@@ -88,35 +88,32 @@ def onchip_max_h(arch: int | None, dtype: torch.dtype) -> int:
     return 64 if shared_limit(arch) >= need and _tier(arch) > 75 else 32
 
 
-def persistent_shared(block_h: int, block_j: int, block_b: int, itemsize: int) -> int:
-    """Shared memory of a persistent program: its W_hh slice and the rows of h (or of one gate's dgates) staged
-    for the dot."""
-    return itemsize * block_h * (4 * block_j + block_b)
+def stream_chunk(H: int, J: int) -> int:
+    """The H chunk of a streamed slice's dot: a (chunk, 4J) tile of STREAM_TILE elements, 16 to next_pow2(H)."""
+    return max(16, min(max(16, triton.next_power_of_2(H)), STREAM_TILE // (4 * J)))
 
 
 def persistent_shape(
     H: int, dtype: torch.dtype, arch: int | None, sms: int | None = None, block_b: int = 16,
-    block_j: int | None = None,
+    block_j: int | None = None, B: int = 16, groups: int | None = None,
 ) -> dict | None:
-    """Units per program, warps and K chunks of the persistent variant, with the forward's and backward's
-    BLOCK_B; None where it does not fit (grid over the SMs, shared memory over the limit, fp32 on a GPU)."""
+    """Units per program, warps, K chunks, rows per block and batch groups of the persistent variant for `B`
+    rows (`plan.persistent_plan` on a GPU); None where no grid fits the SMs (or, for a slice on chip, the
+    shared memory). fp32 streams its slice from L1 every step (`STREAM_W`), under the interpreter too."""
     block_h = max(16, triton.next_power_of_2(H))
+    stream = dtype == torch.float32
     if arch is None:
-        j = block_j or INTERPRETER_BLOCK_J
-        return dict(BLOCK_J=j, BLOCK_H=block_h, SPLIT_K=INTERPRETER_SPLIT_K, num_warps=4, fwd_b=block_b,
-                    bwd_b=block_b)
-    if dtype == torch.float32:
+        split_k, block_k = (INTERPRETER_SPLIT_K, 16) if stream else (INTERPRETER_SPLIT_K, block_h // 2)
+        return dict(BLOCK_J=block_j or INTERPRETER_BLOCK_J, SPLIT_K=split_k, BLOCK_K=block_k, STREAM_W=stream,
+                    num_warps=4, rows=(block_b, block_b), groups=(groups or 1, groups or 1), step_us=None)
+    plan = persistent_plan(B, H, dtype, arch, sms or GATE_SMS[_tier(arch)], shared_limit(arch), block_b, block_j,
+                           groups, MIN_BLOCK_J)
+    if plan is None:
         return None
-    sms = sms or GATE_SMS[_tier(arch)]
-    j = block_j or MIN_BLOCK_J
-    while block_j is None and triton.cdiv(H, j) > sms:
-        j *= 2
-    fwd_b, bwd_b = (max(1, min(block_b, most // block_h)) for most in PERSISTENT_STAGED)
-    size = torch.tensor([], dtype=dtype).element_size()
-    if triton.cdiv(H, j) > sms or persistent_shared(block_h, j, fwd_b, size) > shared_limit(arch):
-        return None
-    return dict(BLOCK_J=j, BLOCK_H=block_h, SPLIT_K=min(PERSISTENT_WARPS, block_h // 16),
-                num_warps=PERSISTENT_WARPS, fwd_b=fwd_b, bwd_b=bwd_b)
+    chunk = stream_chunk(H, plan.J) if plan.stream else block_h
+    split_k = min(PERSISTENT_WARPS, chunk // 16)
+    return dict(BLOCK_J=plan.J, SPLIT_K=split_k, BLOCK_K=chunk // split_k, STREAM_W=plan.stream,
+                num_warps=PERSISTENT_WARPS, rows=plan.rows, groups=plan.groups, step_us=plan.step_us)
 
 
 def lstm_variants(H: int, arch: int | None, dtype: torch.dtype, sms: int | None = None) -> tuple[str, ...]:
@@ -126,25 +123,23 @@ def lstm_variants(H: int, arch: int | None, dtype: torch.dtype, sms: int | None 
     return onchip + persistent + ("tiled",)
 
 
-def _persistent(H, dtype, arch, sms, block_b, block_j, meta):
-    if arch is not None and dtype == torch.float32:
-        raise ValueError("fused_lstm: variant='persistent' takes bf16 or fp16 on a GPU (an fp32 ieee dot keeps "
-                         "the W_hh slice in registers, which spill), got torch.float32; use variant='tiled' or 'auto'")
-    shape = persistent_shape(H, dtype, arch, sms, block_b, block_j)
+def _persistent(B, H, dtype, arch, sms, block_b, block_j, groups, meta):
+    shape = persistent_shape(H, dtype, arch, sms, block_b, block_j, B, groups)
     if shape is None:
         sms = sms or GATE_SMS[_tier(arch)]
         raise ValueError(f"fused_lstm: variant='persistent' does not fit H={H} on sm_{arch} with {sms} SMs (grid "
-                         "over the SMs or W_hh slice over the shared memory); use variant='tiled' or 'auto'")
-    grid = (triton.cdiv(H, shape["BLOCK_J"]),)
+                         "over the SMs, W_hh slice over the shared memory, or fp32 on sm_75); use variant='tiled' or 'auto'")
+    programs = triton.cdiv(H, shape["BLOCK_J"])
     common = {**meta, "BLOCK_J": shape["BLOCK_J"], "num_warps": shape["num_warps"], "SPIN_LIMIT": SPIN_LIMIT,
-              "BARRIER": arch is not None}
+              "BARRIER": arch is not None, "STREAM_W": shape["STREAM_W"], "SPLIT_K": shape["SPLIT_K"],
+              "BLOCK_K": shape["BLOCK_K"]}
     if arch is not None:
         common.update(launch_cooperative_grid=True, maxnreg=PERSISTENT_MAXNREG)
-    block_h, split_k = shape["BLOCK_H"], shape["SPLIT_K"]
-    fwd = {**common, "BLOCK_B": shape["fwd_b"], "SPLIT_K": split_k, "BLOCK_K": block_h // split_k}
-    bwd = {**common, "BLOCK_B": shape["bwd_b"], "SPLIT_K": split_k, "BLOCK_K": block_h // split_k,
-           "RECOMPUTE_K": RECOMPUTE_K}
-    return KernelConfig(_lstm_fwd_persistent_kernel, grid, fwd), KernelConfig(_lstm_bwd_persistent_kernel, grid, bwd)
+    (fwd_b, bwd_b), (fwd_g, bwd_g) = shape["rows"], shape["groups"]
+    fwd = {**common, "BLOCK_B": fwd_b}
+    bwd = {**common, "BLOCK_B": bwd_b, "RECOMPUTE_K": RECOMPUTE_K}
+    return (KernelConfig(_lstm_fwd_persistent_kernel, (programs, fwd_g), fwd),
+            KernelConfig(_lstm_bwd_persistent_kernel, (programs, bwd_g), bwd))
 
 
 def _tiled(H, arch, block_n, block_k, bwd):
@@ -155,31 +150,44 @@ def _tiled(H, arch, block_n, block_k, bwd):
     return dict(BLOCK_N=block_n or n, BLOCK_K=block_k or k, num_warps=warps)
 
 
+def _auto(B, H, dtype, arch, sms, block_b, limit):
+    """onchip, persistent or tiled: under the interpreter onchip where it fits, else tiled; on a GPU the
+    faster of onchip and persistent by the per-step model (`plan.py`), else tiled."""
+    block_h = max(16, triton.next_power_of_2(H))
+    shape = persistent_shape(H, dtype, arch, sms, block_b, B=B) if arch is not None else None
+    if shape is None:
+        return "onchip" if block_h <= limit else "tiled"
+    if block_h > limit:
+        return "persistent"
+    waves = triton.cdiv(triton.cdiv(B, block_b), sms or GATE_SMS[_tier(arch)])
+    return "persistent" if shape["step_us"] < 2 * ONCHIP_STEP_US * waves else "onchip"
+
+
 def lstm_config(
     B: int, H: int, dtype: torch.dtype, arch: int | None, variant: str = "auto", block_b: int = 16,
     block_n: int | None = None, block_k: int | None = None, sms: int | None = None, block_j: int | None = None,
+    tf32: bool = False, groups: int | None = None,
 ) -> tuple[str, KernelConfig, KernelConfig]:
     """The variant and the forward and backward launch configs for `B` rows of width `H` on `arch` with `sms`
     SMs (by default those of the gate's card for `arch`).
 
-    "auto" takes onchip where W_hh fits one program, else persistent where its grid and slice fit, else tiled;
-    under the interpreter (no SMs, no shared memory to fit) it takes onchip or tiled, and persistent only when
-    asked. `block_n`, `block_k` override the tiled variant's tiles, `block_j` the persistent variant's units
-    per program. Raises ValueError for variant="onchip" wider than `onchip_max_h(arch, dtype)` and for
-    variant="persistent" where it does not fit."""
+    "auto" follows the decision table of `kernels/README.md` (`_auto`). `block_n`, `block_k` override the tiled
+    variant's tiles, `block_j` and `groups` the persistent variant's units per program and batch groups. `tf32`
+    lets fp32 products use TF32 (`torch.backends.cudnn.allow_tf32`, as nn.LSTM); otherwise they are ieee fp32.
+    Raises ValueError for variant="onchip" wider than `onchip_max_h(arch, dtype)` and for variant="persistent"
+    where it does not fit."""
     limit = onchip_max_h(arch, dtype)
     block_h = max(16, triton.next_power_of_2(H))
     if variant == "auto":
-        persistent = arch is not None and persistent_shape(H, dtype, arch, sms, block_b) is not None
-        variant = "onchip" if block_h <= limit else "persistent" if persistent else "tiled"
+        variant = _auto(B, H, dtype, arch, sms, block_b, limit)
     if variant == "onchip" and block_h > limit:
         where = "the interpreter" if arch is None else f"sm_{arch}"
         raise ValueError(f"fused_lstm: variant='onchip' takes H <= {limit} on {where} (W_hh must fit on chip); "
                          f"got H={H}: use variant='tiled' or 'auto'")
-    meta = {"BLOCK_B": block_b, "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    meta = {"BLOCK_B": block_b, "PRECISION": "ieee" if dtype == torch.float32 and not tf32 else "tf32",
             "DOT_F32": INTERPRETED and dtype == torch.bfloat16}
     if variant == "persistent":
-        return variant, *_persistent(H, dtype, arch, sms, block_b, block_j, meta)
+        return variant, *_persistent(B, H, dtype, arch, sms, block_b, block_j, groups, meta)
     grid = (triton.cdiv(B, block_b),)
     if variant == "onchip":
         meta.update(BLOCK_H=block_h, num_warps=8 if block_h >= 64 else 4)

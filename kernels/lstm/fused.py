@@ -35,18 +35,22 @@ def recurrence_fwd(
     lengths: torch.Tensor,  # (B,) int32, T for every row when none were given
     cfg: KernelConfig,
     store_gates: bool,
+    save_states: bool = True,
 ):
     """Runs the forward recurrence. Returns `h` (T+1, B, H), `c` (T+1, B, H) fp32,
-    `gates` (T, B, 4H) fp32 activated or None, and `h_n` (B, H)."""
+    `gates` (T, B, 4H) fp32 activated or None, and `h_n` (B, H). Without `save_states` (nothing needs a
+    gradient) the persistent kernel keeps `c` in a (2, B, H) ring: `c[T % 2]` is the last state."""
     T, B, G = xw.shape
     H = G // 4
+    persistent = cfg.kernel is _lstm_fwd_persistent_kernel
     h = torch.full((T + 1, B, H), float("nan"), dtype=xw.dtype, device=xw.device)
-    c = torch.full((T + 1, B, H), float("nan"), dtype=torch.float32, device=xw.device)
+    c_steps = T + 1 if save_states or not persistent else 2
+    c = torch.full((c_steps, B, H), float("nan"), dtype=torch.float32, device=xw.device)
     h[0] = h0
     c[0] = c0
     gates = torch.full((T, B, G), float("nan"), dtype=torch.float32, device=xw.device) if store_gates else c
     h_n = torch.full((B, H), float("nan"), dtype=xw.dtype, device=xw.device)
-    if B and cfg.kernel is _lstm_fwd_persistent_kernel:
+    if B and persistent:
         persistent_fwd(xw, w_hh, h, c, gates, h_n, lengths, cfg, store_gates)
     elif B:
         launch(cfg, xw, w_hh, h, c, gates, h_n, lengths, T, B, H, STORE_GATES=store_gates)
@@ -101,12 +105,14 @@ def _input_projection(x, w_ih, b_ih, b_hh):
 
 class FusedLSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, fwd_cfg, bwd_cfg, store_gates):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, fwd_cfg, bwd_cfg, store_gates, save_states=True):
         xw = _input_projection(x, w_ih, b_ih, b_hh)
-        h, c, gates, h_n = recurrence_fwd(xw, w_hh, h0, c0, lengths, fwd_cfg, store_gates)
-        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, h, c, gates, lengths)
+        h, c, gates, h_n = recurrence_fwd(xw, w_hh, h0, c0, lengths, fwd_cfg, store_gates, save_states)
+        if save_states:
+            ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, h, c, gates, lengths)
         ctx.bwd_cfg = bwd_cfg
-        return h[1:], h_n, c[-1].to(x.dtype, copy=True)
+        c_n = c[-1] if save_states else c[x.shape[0] % c.shape[0]]
+        return h[1:], h_n, c_n.to(x.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n):
@@ -124,7 +130,7 @@ class FusedLSTMFunction(torch.autograd.Function):
         db = dg2.sum(0, dtype=torch.float32).to(x.dtype) if need[5] or need[6] else None
         return (
             dx, dh0.to(x.dtype), dc0.to(x.dtype), dw_ih, dw_hh,
-            db if need[5] else None, db if need[6] else None, None, None, None, None,
+            db if need[5] else None, db if need[6] else None, None, None, None, None, None,
         )
 
 
@@ -232,12 +238,14 @@ def fused_lstm(
     _check_args(x, w_hh, w_hr, variant, block_j)
     _check_tensors(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
     H = w_hh.shape[1]
+    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     _, fwd_cfg, bwd_cfg = lstm_config(x.shape[1], H, x.dtype, device_arch(x.device), variant, block_b, block_n,
-                                      block_k, device_sms(x.device), block_j)
+                                      block_k, device_sms(x.device), block_j, tf32)
     if lengths is None:
         lengths = torch.full((x.shape[1],), x.shape[0], dtype=torch.int32, device=x.device)
     lengths = lengths.to(device=x.device, dtype=torch.int32).contiguous()
     args = [t if t is None else t.contiguous() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-    out, h_n, c_n = FusedLSTMFunction.apply(*args, lengths, fwd_cfg, bwd_cfg, needs_grad and not recompute)
+    out, h_n, c_n = FusedLSTMFunction.apply(*args, lengths, fwd_cfg, bwd_cfg, needs_grad and not recompute,
+                                            needs_grad)
     return out, (h_n, c_n)

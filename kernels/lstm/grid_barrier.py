@@ -46,7 +46,8 @@ def grid_arrive(sync_ptr):
 def arrives(ok, stage, WITHHOLD_STAGE: tl.constexpr):
     """`ok`, but False for the last program at `stage == WITHHOLD_STAGE` (test-only; -1: never)."""
     if WITHHOLD_STAGE >= 0:
-        ok = ok & ((stage != WITHHOLD_STAGE) | (tl.program_id(0) != tl.num_programs(0) - 1))
+        last = (tl.program_id(0) == tl.num_programs(0) - 1) & (tl.program_id(1) == tl.num_programs(1) - 1)
+        ok = ok & ((stage != WITHHOLD_STAGE) | ~last)
     return ok
 
 

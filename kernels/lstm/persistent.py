@@ -13,13 +13,22 @@ interpreter) every stage is its own launch.
 """
 
 import dataclasses
+import math
 import warnings
 
 import torch
+import triton
 
 from ..launch import KernelConfig, launch
 
-__all__ = ["persistent_bwd", "persistent_fwd", "run_stages"]
+__all__ = ["group_rows", "persistent_bwd", "persistent_fwd", "run_stages"]
+
+
+def group_rows(cfg: KernelConfig, B: int) -> int:
+    """Rows of the batch each program's group owns: the grid's second axis splits the batch in equal groups of
+    whole `BLOCK_B` blocks."""
+    blocks = triton.cdiv(B, cfg.meta["BLOCK_B"])
+    return triton.cdiv(blocks, cfg.grid[1]) * cfg.meta["BLOCK_B"]
 
 
 def _one_stage_per_launch(cfg: KernelConfig, first: int, n_stages: int, args: dict):
@@ -47,11 +56,12 @@ def run_stages(cfg: KernelConfig, n_stages: int, **args) -> None:
     arrivals, timed_out = sync.tolist()
     if not timed_out:
         return
-    if arrivals < cfg.grid[0]:
+    programs = math.prod(cfg.grid)
+    if arrivals < programs:
         raise RuntimeError(
-            f"persistent LSTM: the launch timed out with {arrivals} barrier arrivals, fewer than its {cfg.grid[0]} "
+            f"persistent LSTM: the launch timed out with {arrivals} barrier arrivals, fewer than its {programs} "
             f"programs; its first stage never waits, so the barrier itself is broken")
-    first = arrivals // cfg.grid[0]
+    first = arrivals // programs
     warnings.warn(f"persistent LSTM: the grid barrier timed out at stage {first} of {n_stages}; from there on, in "
                   f"this process, the persistent kernels run one launch per step", RuntimeWarning, stacklevel=2)
     _STALLED.append(True)
@@ -62,7 +72,7 @@ def persistent_fwd(
     xw: torch.Tensor,  # (T, B, 4H)
     w_hh: torch.Tensor,  # (4H, H)
     h: torch.Tensor,  # (T+1, B, H), h0 at [0], NaN elsewhere
-    c: torch.Tensor,  # (T+1, B, H) fp32, c0 at [0], NaN elsewhere
+    c: torch.Tensor,  # (T+1, B, H) fp32, c0 at [0], NaN elsewhere; or (2, B, H), a ring, when nothing is saved
     gates: torch.Tensor,  # (T, B, 4H) fp32, or any tensor when not store_gates
     h_n: torch.Tensor,  # (B, H)
     lengths: torch.Tensor,  # (B,) int32
@@ -71,7 +81,7 @@ def persistent_fwd(
 ) -> None:
     T, B, G = xw.shape
     run_stages(cfg, T, xw_ptr=xw, w_ptr=w_hh, h_ptr=h, c_ptr=c, g_ptr=gates, hn_ptr=h_n, len_ptr=lengths, B=B,
-               H=G // 4, STORE_GATES=store_gates)
+               H=G // 4, ROWS=group_rows(cfg, B), STORE_GATES=store_gates, C_RING=c.shape[0] == 2)
 
 
 def persistent_bwd(
@@ -97,5 +107,6 @@ def persistent_bwd(
     dh[0], dc[0] = dh_n, dc_n
     dh0, dc0 = torch.full_like(dh_n, nan), torch.full_like(dc_n, nan)
     run_stages(cfg, T + 1, xw_ptr=xw, w_ptr=w_hh, h_ptr=h, c_ptr=c, g_ptr=gates, dout_ptr=dout, dg_ptr=dg,
-               dh_ptr=dh, dc_ptr=dc, dh0_ptr=dh0, dc0_ptr=dc0, len_ptr=lengths, T=T, B=B, H=H, RECOMPUTE=recompute)
+               dh_ptr=dh, dc_ptr=dc, dh0_ptr=dh0, dc0_ptr=dc0, len_ptr=lengths, T=T, B=B, H=H,
+               ROWS=group_rows(cfg, B), RECOMPUTE=recompute)
     return dg[:T], dh0, dc0

@@ -52,6 +52,22 @@ def _recompute_gates(
 
 
 @device_fn
+def _streamed_dh(
+    dg_ptr,  # (SPLIT_K, BLOCK_B, BLOCK_K) pointers into dgates_{t+1}'s gate-i block at one H chunk
+    w_ptr,  # (SPLIT_K, BLOCK_K, J) pointers into W_hh[:, J_p]'s gate-i rows at the same chunk
+    dg_mask, w_mask, H, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """One H chunk of `dgates_{t+1} W_hh[:, J_p]` over the four gates, `W_hh` read again from L1/L2 (fp32)."""
+    part = dot(tl.load(dg_ptr, mask=dg_mask, other=0.0, cache_modifier=".cg"),
+               tl.load(w_ptr, mask=w_mask, other=0.0, eviction_policy="evict_last"), DOT_F32, PRECISION)
+    for q in tl.static_range(1, 4):
+        da = tl.load(dg_ptr + q * H, mask=dg_mask, other=0.0, cache_modifier=".cg")
+        wq = tl.load(w_ptr + q * H * H, mask=w_mask, other=0.0, eviction_policy="evict_last")
+        part += dot(da, wq, DOT_F32, PRECISION)
+    return tl.sum(part, axis=0)
+
+
+@device_fn
 def _publish(dg_ptr, state4, mask, H, da_i, da_f, da_g, da_o):
     dty = dg_ptr.dtype.element_ty
     tl.store(dg_ptr + state4, da_i.to(dty), mask=mask)
@@ -75,8 +91,8 @@ def _lstm_bwd_persistent_kernel(
     dc0_ptr,  # (B, H) fp32, written by the stage for t = -1
     len_ptr,  # (B,) int32, each row's length (T where none was given)
     sync_ptr,  # (2,) int32 arrivals and timeout flag, zeroed before the launch
-    s_first, n_stages, T, B, H,
-    RECOMPUTE: tl.constexpr, BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,
+    s_first, n_stages, T, B, H, ROWS,
+    RECOMPUTE: tl.constexpr, STREAM_W: tl.constexpr, BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
     RECOMPUTE_K: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, WITHHOLD_STAGE: tl.constexpr = -1,
 ):
@@ -88,17 +104,20 @@ def _lstm_bwd_persistent_kernel(
     `W_hh[:, J_p]` on chip as four `(SPLIT_K, BLOCK_K, BLOCK_J)` tensors; with `RECOMPUTE` it streams
     `W_hh[gates(J_p), :]` in `RECOMPUTE_K` steps. Steps 1-4 below are those of the module docstring.
     """
-    # 0. load this program's columns W_hh[:, J_p] once, one tensor per gate
-    n_prog = tl.num_programs(0)
+    # 0. this program's units and rows; its columns W_hh[:, J_p] once, one tensor per gate
+    n_prog = tl.num_programs(0) * tl.num_programs(1)
     units = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     unit_ok = units < H
+    row_lo = tl.program_id(1) * ROWS
+    row_hi = tl.minimum(row_lo + ROWS, B)
     kq = tl.arange(0, SPLIT_K)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :, None]
     w_q = w_ptr + kq * H + units[None, None, :]
-    w_mask = (kq < H) & unit_ok[None, None, :]
-    w_i = tl.load(w_q, mask=w_mask, other=0.0)
-    w_f = tl.load(w_q + H * H, mask=w_mask, other=0.0)
-    w_g = tl.load(w_q + 2 * H * H, mask=w_mask, other=0.0)
-    w_o = tl.load(w_q + 3 * H * H, mask=w_mask, other=0.0)
+    if not STREAM_W:
+        w_mask = (kq < H) & unit_ok[None, None, :]
+        w_i = tl.load(w_q, mask=w_mask, other=0.0)
+        w_f = tl.load(w_q + H * H, mask=w_mask, other=0.0)
+        w_g = tl.load(w_q + 2 * H * H, mask=w_mask, other=0.0)
+        w_o = tl.load(w_q + 3 * H * H, mask=w_mask, other=0.0)
     k_dg = tl.arange(0, SPLIT_K)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
     ok = tl.program_id(0) >= 0
     for s in range(0, n_stages):
@@ -109,9 +128,9 @@ def _lstm_bwd_persistent_kernel(
         ring_in = (stage % 2) * B * H
         ring_out = ((stage + 1) % 2) * B * H
         if ok:
-            for b0 in range(0, B, BLOCK_B):
+            for b0 in range(row_lo, row_hi, BLOCK_B):
                 rows = b0 + tl.arange(0, BLOCK_B)
-                row_ok = rows < B
+                row_ok = rows < row_hi
                 umask = row_ok[:, None] & unit_ok[None, :]
                 smask = umask & step
                 state = rows[:, None] * H + units[None, :]
@@ -127,21 +146,26 @@ def _lstm_bwd_persistent_kernel(
                     i, f, g, o = load_gates(g_ptr + t64 * B * 4 * H, rows, units, smask, H)
                 # 2. wait until every program has published dgates_{t+1}
                 if BARRIER:
-                    if (s > 0) & (b0 == 0):
+                    if (s > 0) & (b0 == row_lo):
                         ok = grid_wait(sync_ptr, n_prog * s, SPIN_LIMIT)
                 if ok:
                     # 3. dh_t[:, J_p] = carried + dgates_{t+1} W_hh[:, J_p] (B7), one gate's rows at a time from L2
                     dg_t = dg_ptr + (t64 + 1) * B * 4 * H + rows[None, :, None] * 4 * H + k_dg
-                    dg_mask = row_ok[None, :, None] & (k_dg < H)
-                    da = tl.load(dg_t, mask=dg_mask, other=0.0, cache_modifier=".cg")
-                    part = dot(da, w_i, DOT_F32, PRECISION)
-                    da = tl.load(dg_t + H, mask=dg_mask, other=0.0, cache_modifier=".cg")
-                    part += dot(da, w_f, DOT_F32, PRECISION)
-                    da = tl.load(dg_t + 2 * H, mask=dg_mask, other=0.0, cache_modifier=".cg")
-                    part += dot(da, w_g, DOT_F32, PRECISION)
-                    da = tl.load(dg_t + 3 * H, mask=dg_mask, other=0.0, cache_modifier=".cg")
-                    part += dot(da, w_o, DOT_F32, PRECISION)
-                    dh += tl.sum(part, axis=0)
+                    if STREAM_W:
+                        for k0 in range(0, H, SPLIT_K * BLOCK_K):
+                            dh += _streamed_dh(dg_t + k0, w_q + k0 * H, row_ok[None, :, None] & (k0 + k_dg < H),
+                                               (k0 + kq < H) & unit_ok[None, None, :], H, PRECISION, DOT_F32)
+                    else:
+                        dg_mask = row_ok[None, :, None] & (k_dg < H)
+                        da = tl.load(dg_t, mask=dg_mask, other=0.0, cache_modifier=".cg")
+                        part = dot(da, w_i, DOT_F32, PRECISION)
+                        da = tl.load(dg_t + H, mask=dg_mask, other=0.0, cache_modifier=".cg")
+                        part += dot(da, w_f, DOT_F32, PRECISION)
+                        da = tl.load(dg_t + 2 * H, mask=dg_mask, other=0.0, cache_modifier=".cg")
+                        part += dot(da, w_g, DOT_F32, PRECISION)
+                        da = tl.load(dg_t + 3 * H, mask=dg_mask, other=0.0, cache_modifier=".cg")
+                        part += dot(da, w_o, DOT_F32, PRECISION)
+                        dh += tl.sum(part, axis=0)
                     # 4. the gates (recomputed: (F2)-(F3)), gate gradients (B1)-(B6); publish dgates_t[:, J_p],
                     #    carry dh (0 where live) and dc_{t-1}; the stage for t = -1 writes dh_0, dc_0
                     if RECOMPUTE:

@@ -40,10 +40,10 @@ def _lstm_fwd_persistent_kernel(
     hn_ptr,  # (B, H)
     len_ptr,  # (B,) int32, each row's length (T where none was given)
     sync_ptr,  # (2,) int32 arrivals and timeout flag, zeroed before the launch
-    s_first, n_stages, B, H,
-    STORE_GATES: tl.constexpr, BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, WITHHOLD_STAGE: tl.constexpr = -1,
+    s_first, n_stages, B, H, ROWS,
+    STORE_GATES: tl.constexpr, C_RING: tl.constexpr, STREAM_W: tl.constexpr, BARRIER: tl.constexpr,
+    SPIN_LIMIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, WITHHOLD_STAGE: tl.constexpr = -1,
 ):
     """Persistent forward, stages `s_first .. s_first + n_stages - 1`: README.md "Forward" (F2)-(F5) and
     "The persistent variant".
@@ -53,41 +53,59 @@ def _lstm_fwd_persistent_kernel(
     `B` rows, visited in `BLOCK_B`-row blocks, and keeps `W_hh[gates(J_p), :]` on chip as `(SPLIT_K, BLOCK_K,
     4 BLOCK_J)`. Steps 1-4 below are those of the module docstring.
     """
-    # 0. load this program's slice W_hh[gates(J_p), :] once, split over H in SPLIT_K chunks of BLOCK_K
-    n_prog = tl.num_programs(0)
+    # 0. this program's units and rows; its slice W_hh[gates(J_p), :] once, split over H in SPLIT_K chunks
+    n_prog = tl.num_programs(0) * tl.num_programs(1)
     cols, col_ok = gate_columns(H, BLOCK_J)
     units = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     unit_ok = units < H
+    row_lo = tl.program_id(1) * ROWS
+    row_hi = tl.minimum(row_lo + ROWS, B)
     ks = tl.arange(0, SPLIT_K)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :, None]
-    w = tl.load(w_ptr + cols[None, None, :] * H + ks, mask=(ks < H) & col_ok[None, None, :], other=0.0)
     k_h = tl.arange(0, SPLIT_K)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+    if not STREAM_W:
+        w = tl.load(w_ptr + cols[None, None, :] * H + ks, mask=(ks < H) & col_ok[None, None, :], other=0.0)
     is_g = (tl.arange(0, 4 * BLOCK_J) % 4 == 2)[None, :]
     ok = tl.program_id(0) >= 0
     for s in range(0, n_stages):
         t = s_first + s
         xw_t = xw_ptr + t.to(tl.int64) * B * 4 * H
         h_t = h_ptr + t.to(tl.int64) * B * H
-        c_t = c_ptr + t.to(tl.int64) * B * H
+        if C_RING:
+            c_in = c_ptr + (t % 2) * B * H
+            c_out = c_ptr + ((t + 1) % 2) * B * H
+        else:
+            c_in = c_ptr + t.to(tl.int64) * B * H
+            c_out = c_in + B * H
         if ok:
-            for b0 in range(0, B, BLOCK_B):
+            for b0 in range(row_lo, row_hi, BLOCK_B):
                 rows = b0 + tl.arange(0, BLOCK_B)
-                row_ok = rows < B
+                row_ok = rows < row_hi
                 gmask = row_ok[:, None] & col_ok[None, :]
                 umask = row_ok[:, None] & unit_ok[None, :]
                 state = rows[:, None] * H + units[None, :]
                 # 1. xW[t] and c_{t-1} of this slice, before the barrier wait
                 a = tl.load(xw_t + rows[:, None] * 4 * H + cols[None, :], mask=gmask, other=0.0).to(tl.float32)
-                c_prev = tl.load(c_t + state, mask=umask, other=0.0)
+                c_prev = tl.load(c_in + state, mask=umask, other=0.0)
                 live = (t < tl.load(len_ptr + rows, mask=row_ok, other=0))[:, None]
                 # 2. wait until every program has published h_{t-1}
                 if BARRIER:
-                    if (s > 0) & (b0 == 0):
+                    if (s > 0) & (b0 == row_lo):
                         ok = grid_wait(sync_ptr, n_prog * s, SPIN_LIMIT)
                 if ok:
-                    # 3. all of h_{t-1} from L2, a_t (F2) as one batched dot summed over the chunks, (F3)-(F5)
-                    h3 = tl.load(h_t + rows[None, :, None] * H + k_h, mask=row_ok[None, :, None] & (k_h < H),
-                                 other=0.0, cache_modifier=".cg")
-                    a += tl.sum(dot(h3, w, DOT_F32, PRECISION), axis=0)
+                    # 3. all of h_{t-1} from L2, a_t (F2) as batched dots summed over the chunks, (F3)-(F5)
+                    if STREAM_W:
+                        for k0 in range(0, H, SPLIT_K * BLOCK_K):
+                            wk = tl.load(w_ptr + cols[None, None, :] * H + k0 + ks,
+                                         mask=(k0 + ks < H) & col_ok[None, None, :], other=0.0,
+                                         eviction_policy="evict_last")
+                            h3 = tl.load(h_t + rows[None, :, None] * H + k0 + k_h,
+                                         mask=row_ok[None, :, None] & (k0 + k_h < H), other=0.0,
+                                         cache_modifier=".cg")
+                            a += tl.sum(dot(h3, wk, DOT_F32, PRECISION), axis=0)
+                    else:
+                        h3 = tl.load(h_t + rows[None, :, None] * H + k_h, mask=row_ok[None, :, None] & (k_h < H),
+                                     other=0.0, cache_modifier=".cg")
+                        a += tl.sum(dot(h3, w, DOT_F32, PRECISION), axis=0)
                     act = tl.where(is_g, tanh(a), sigmoid(a))
                     if STORE_GATES:
                         tl.store(g_ptr + t.to(tl.int64) * B * 4 * H + rows[:, None] * 4 * H + cols[None, :], act,
@@ -97,7 +115,7 @@ def _lstm_fwd_persistent_kernel(
                     h_new = o * tanh(c_new)
                     # 4. write h_t[:, J_p], c_t[:, J_p] and h_n (dead rows: h = 0, c carried)
                     tl.store(h_t + B * H + state, tl.where(live, h_new, 0.0).to(h_ptr.dtype.element_ty), mask=umask)
-                    tl.store(c_t + B * H + state, tl.where(live, c_new, c_prev), mask=umask)
+                    tl.store(c_out + state, tl.where(live, c_new, c_prev), mask=umask)
                     tl.store(hn_ptr + state, h_new.to(hn_ptr.dtype.element_ty), mask=umask & live)
             # 5. arrive: this program's h_t is published
             if BARRIER:

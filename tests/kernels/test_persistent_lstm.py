@@ -33,11 +33,6 @@ from tests.kernels.test_fused_lstm import (
 
 pytestmark = pytest.mark.gpu  # runs on CUDA when there is one: the GPU lane
 
-FP32_CPU_ONLY = pytest.mark.skipif(
-    TRITON_DEVICE.type == "cuda",
-    reason="on a GPU variant='persistent' takes bf16 and fp16 only; these fp32 cases run under the interpreter",
-)
-
 CASES = {
     "T1-B1-H32-P4": dict(T=1, B=1, I=24, H=32),
     "T5-B3-H64-P8-lengths": dict(T=5, B=3, I=24, H=64, lengths=[5, 2, 4]),
@@ -49,7 +44,6 @@ CASES = {
 }
 
 
-@FP32_CPU_ONLY
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_persistent_matches_reference(case, device):
     _check_layer(dtype=torch.float32, device=device, variant="persistent", **case)
@@ -67,7 +61,6 @@ def test_persistent_half_matches_reference(dtype, recompute, device):
 SAME = {torch.float32: (1e-6, 1e-6)}
 
 
-@FP32_CPU_ONLY
 def test_same_results_for_2_4_8_programs(device):
     inputs = _inputs(5, 3, 24, 64, torch.float32, device)
     lengths = torch.tensor([5, 2, 4], device=device)
@@ -205,13 +198,12 @@ def test_a_stage_writes_only_its_own_step(device):
     h_n = torch.full_like(h0, float("nan"))
     lengths = torch.full((B,), T, dtype=torch.int32, device=device)
     lstm_persistent.run_stages(fwd, k, xw_ptr=xw, w_ptr=w_hh, h_ptr=h, c_ptr=c, g_ptr=c, hn_ptr=h_n,
-                               len_ptr=lengths, B=B, H=H, STORE_GATES=False)
+                               len_ptr=lengths, B=B, H=H, ROWS=B, STORE_GATES=False, C_RING=False)
     ref, _ = lstm_layer(x[:k], h0, c0, w_ih, w_hh, b_ih, b_hh)
     assert_close("h_1..h_k", ref, h[1:k + 1], table=TOL)
     assert torch.isnan(h[k + 1:]).all() and torch.isnan(c[k + 1:]).all()
 
 
-@FP32_CPU_ONLY
 def test_module_persistent_layers_bidirectional_packed(device):
     kwargs = dict(input_size=10, hidden_size=32, num_layers=2, bidirectional=True)
     ref = LSTM(backend="reference", device=device, **kwargs)
@@ -225,28 +217,30 @@ def test_module_persistent_layers_bidirectional_packed(device):
 
 
 @pytest.mark.parametrize(
-    "arch, sms, H, dtype, expected",
+    "arch, sms, B, H, dtype, expected",
     [
-        (90, 132, 768, torch.float16, ("persistent", 8, 96)),
-        (90, 132, 1024, torch.bfloat16, ("persistent", 8, 128)),
-        (80, 108, 1024, torch.float16, ("persistent", 16, 64)),
-        (90, 132, 256, torch.bfloat16, ("persistent", 4, 64)),
-        (90, 132, 64, torch.float16, ("onchip", None, None)),
-        (90, 132, 768, torch.float32, ("tiled", None, None)),
-        (90, 8, 1024, torch.float16, ("tiled", None, None)),
-        (75, 40, 768, torch.float16, ("tiled", None, None)),
-        (None, None, 768, torch.float16, ("tiled", None, None)),
+        (90, 132, 16, 768, torch.float16, ("persistent", 8, (96, 1), False)),
+        (90, 132, 16, 1024, torch.bfloat16, ("persistent", 8, (128, 1), False)),
+        (80, 108, 16, 1024, torch.float16, ("persistent", 16, (64, 1), False)),
+        (90, 132, 16, 768, torch.float32, ("persistent", 8, (96, 1), True)),
+        (90, 132, 1, 256, torch.float32, ("persistent", 4, (64, 1), True)),
+        (90, 132, 32, 128, torch.float32, ("persistent", 4, (32, 2), True)),
+        (90, 132, 128, 512, torch.bfloat16, ("persistent", 16, (32, 4), True)),
+        (90, 8, 16, 1024, torch.float16, ("tiled", None, (1,), None)),
+        (None, None, 16, 768, torch.float16, ("tiled", None, (1,), None)),
+        (None, None, 16, 64, torch.float32, ("onchip", None, (1,), None)),
     ],
-    ids=["H100-768", "H100-1024-bf16", "A100-1024", "H100-256", "H100-64-onchip", "fp32-tiled",
-         "8-SMs-tiled", "T4-768-tiled", "interpreter-auto"],
+    ids=["H100-768", "H100-1024-bf16", "A100-1024", "H100-768-fp32", "H100-B1-256-fp32", "H100-B32-128-fp32-groups",
+         "H100-B128-512-wide-streamed", "8-SMs-tiled", "interpreter-auto", "interpreter-onchip"],
 )
-def test_auto_picks_persistent_where_it_fits(arch, sms, H, dtype, expected):
-    variant, fwd, bwd = lstm_config(16, H, dtype, arch, "auto", sms=sms)
-    units = fwd.meta.get("BLOCK_J")
-    assert (variant, units, fwd.grid[0] if units else None) == expected
+def test_auto_follows_the_decision_table(arch, sms, B, H, dtype, expected):
+    """The rows of kernels/README.md's decision table (fewest units that fit the SMs; fp32 streams its slice;
+    wider streamed programs where that frees SMs for batch groups; tiled where no grid fits)."""
+    variant, fwd, bwd = lstm_config(B, H, dtype, arch, "auto", sms=sms)
+    assert (variant, fwd.meta.get("BLOCK_J"), fwd.grid, fwd.meta.get("STREAM_W")) == expected
     if variant == "persistent":
-        assert fwd.grid == bwd.grid and fwd.meta["BARRIER"] and fwd.meta["launch_cooperative_grid"]
-        assert fwd.grid[0] <= sms
+        assert fwd.meta["BARRIER"] and fwd.meta["launch_cooperative_grid"]
+        assert fwd.grid[0] * max(fwd.grid[1], bwd.grid[1]) <= sms
 
 
 def test_persistent_that_does_not_fit_raises():
@@ -267,14 +261,9 @@ def test_bad_persistent_options_raise(device):
     assert "variant" not in repr(LSTM(4, 8, backend="triton"))
 
 
-def test_fp32_persistent_on_a_gpu_raises():
-    with pytest.raises(ValueError, match=r"takes bf16 or fp16 on a GPU .*got torch.float32"):
-        lstm_config(16, 768, torch.float32, 90, "persistent")
-
-
 @pytest.mark.skipif(TRITON_DEVICE.type != "cuda", reason="the GPU configs (barrier, cooperative launch) need CUDA")
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored-gates", "recompute"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("H", [100, 256, 512, 768, 1024])
 def test_persistent_at_the_compile_gate_widths_on_this_gpu(H, dtype, recompute, device):
     _check_layer(5, 20, 16, H, dtype, device, lengths=[5, 2] * 10, variant="persistent", recompute=recompute)
