@@ -119,7 +119,7 @@ def _lstm_cases(archs):
         for dtype in DTYPES:
             for H in LSTM_H:
                 for variant in lstm_variants(H, arch, DTYPES[dtype]):
-                    tf32 = (("tf32",), ("tf32", "recompute")) if dtype == "fp32" else ()
+                    tf32 = (("tf32",), ("tf32", "recompute")) if dtype == "fp32" and variant == "persistent" else ()
                     for flags in ((), ("recompute",), *tf32):
                         yield Case("lstm", arch, dtype, H, variant, flags)
 

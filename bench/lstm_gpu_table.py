@@ -7,6 +7,8 @@ Two tables, one row per shape, dtype and mode, with each provider's median milli
 - `test_bench_lstm_variants_gpu`: the persistent and tiled variants against cudnn; persistent/cudnn (the
   persistent kernel's goal: <= 1.0 in fp16 forward+backward at B16 T1024 H768, <= 0.5 in bf16) and
   tiled/persistent;
+- `test_bench_lstm_issue_shapes_gpu`: issue 25's six shapes, `variant="auto"` against cudnn (targets: <= 1.0
+  everywhere, <= 0.4 at B16 T1024 H768; `kernels/README.md` predicts each);
 and the peak memory of one call of the Triton provider and of cuDNN.
 """
 
@@ -19,6 +21,7 @@ TABLES = (
      "triton"),
     ("test_bench_lstm_variants_gpu", ("persistent", "tiled", "cudnn"), (("persistent", "cudnn"),
                                                                          ("tiled", "persistent")), "persistent"),
+    ("test_bench_lstm_issue_shapes_gpu", ("auto", "cudnn"), (("auto", "cudnn"),), "auto"),
 )
 
 

@@ -5,7 +5,9 @@ On CUDA, `test_bench_lstm_gpu` times `reference`, `triton` (`LSTM(backend="trito
 i.e. `kernels.fused_lstm` with `variant="auto"`) and `cudnn` (`nn.LSTM`) at the issue's shapes in
 fp32, bf16 and fp16; `test_bench_lstm_variants_gpu` times the fused variants one by one
 (`persistent`, `tiled`) against cuDNN at the shapes the persistent kernel is for (FlashRNN's chart,
-B16 T1024 H768, and cuDNN's persistent limit, B64 T512 H1024) in bf16 and fp16. Peak memory per
+B16 T1024 H768, and cuDNN's persistent limit, B64 T512 H1024) in bf16 and fp16;
+`test_bench_lstm_issue_shapes_gpu` (first, so a short device budget measures it) times `variant="auto"`
+against cuDNN at issue 25's six shapes, each in its dtype and mode, with TF32 as torch's defaults leave it. Peak memory per
 call goes in `extra_info` too, and `bench/lstm_gpu_table.py` turns the JSON into ratios against
 cuDNN. Those cases are skipped without CUDA: interpreter timings mean nothing.
 
@@ -109,11 +111,37 @@ def _bench_against_cudnn(benchmark, s, dtype, make_model, rounds, group, **info)
     benchmark.group = group
     benchmark.extra_info.update(
         s, dtype=dtype, device=torch.cuda.get_device_name(), input_projection="included", peak_mem_mb=peak / 2**20,
-        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, triton_fp32_dot="ieee", **info,
+        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+        triton_fp32_dot="tf32 (persistent)" if torch.backends.cudnn.allow_tf32 else "ieee", **info,
     )
     benchmark.pedantic(_gpu_step, args=(model, x, grad, info["mode"]), rounds=rounds, warmup_rounds=1)
     if benchmark.stats:
         benchmark.extra_info["tokens_per_s"] = s["T"] * s["B"] / benchmark.stats.stats.mean
+
+
+# The six shapes of issue 25 with the dtype and mode each is measured in (kernels/README.md predicts each).
+ISSUE_CASES = {
+    "flashrnn-T1024-B16-H768-bf16-fwd+bwd": (dict(T=1024, B=16, I=768, H=768), "bf16", "fwd+bwd"),
+    "wide-T512-B64-H1024-bf16-fwd+bwd": (dict(T=512, B=64, I=1024, H=1024), "bf16", "fwd+bwd"),
+    "batch-T128-B128-H512-bf16-fwd": (dict(T=128, B=128, I=512, H=512), "bf16", "fwd"),
+    "small-T256-B32-H128-fp32-fwd+bwd": (dict(T=256, B=32, I=128, H=128), "fp32", "fwd+bwd"),
+    "tiny-T512-B8-H64-fp32-fwd+bwd": (dict(T=512, B=8, I=64, H=64), "fp32", "fwd+bwd"),
+    "inference-T2048-B1-H256-fp32-fwd": (dict(T=2048, B=1, I=256, H=256), "fp32", "fwd"),
+}
+ISSUE_PROVIDERS = {
+    "auto": lambda I, H: LSTM(I, H, backend="triton"),
+    "cudnn": lambda I, H: torch.nn.LSTM(I, H),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("provider", list(ISSUE_PROVIDERS))
+@pytest.mark.parametrize("case", list(ISSUE_CASES))
+def test_bench_lstm_issue_shapes_gpu(benchmark, case, provider):
+    """cuDNN's default fp32 (TF32 on) against ours with the same switch, as a user gets them."""
+    s, dtype, mode = ISSUE_CASES[case]
+    _bench_against_cudnn(benchmark, s, dtype, ISSUE_PROVIDERS[provider], 5, f"lstm-issue-{case}", shape=case,
+                         provider=provider, mode=mode)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
@@ -145,3 +173,4 @@ VARIANT_PROVIDERS = {
 def test_bench_lstm_variants_gpu(benchmark, shape, dtype, provider, mode):
     _bench_against_cudnn(benchmark, VARIANT_SHAPES[shape], dtype, VARIANT_PROVIDERS[provider], 5,
                          f"lstm-variants-{shape}-{dtype}-{mode}", shape=shape, provider=provider, mode=mode)
+

@@ -15,14 +15,14 @@ Why these numbers (triton 3.6, `python -m bench.compile_gate`):
   vectorized and the same tiles spill; narrower tiles (16 or 32 x 16) compile clean.
 Architectures between the listed ones take the tiles of the nearest one below (sm_86/89 those of sm_80,
 whose tiled kernels need at most 34 KiB of shared memory).
-- persistent splits W_hh over at most one program per SM, `block_j` units each (`lstm/persistent_fwd.py`):
-  the smallest power of two >= 4 that keeps the grid within the SMs (H100, 132 SMs: J=8 at H=768 and 1024,
-  96 and 128 programs; A100, 108 SMs: J=16 at H=1024, 64 programs). Its slice stays in shared memory beside
-  the rows staged for the dot (`persistent_shared`, what the compile gate reports: at most 160 KiB, A100 at
-  H=1024). BLOCK_B * BLOCK_H is at most 16,384 in the forward and 8,192 in the backward (BLOCK_B 16 and 8 at
-  H=1024): with 16 rows the recompute backward spills 8 B at H=1024 on sm_80 and sm_90. 8 warps, one per K
-  chunk of the batched dot (8 also avoid sm_75's 64-register cap), with `maxnreg=255`.
-  fp32 is not offered on a GPU: its ieee dot keeps the slice in registers (4.7 KB of spill at H=768, sm_90).
+- persistent splits W_hh over at most one program per SM, `block_j` units each; `plan.py` picks the units,
+  where the slice lives and the batch groups from its per-step model (`kernels/README.md`, decision table).
+  A slice on chip (16 bits) stays in shared memory beside the rows staged for the dot (at most 160 KiB, A100
+  at H=1024); BLOCK_B * BLOCK_H is at most 16,384 in the forward and 8,192 in the backward (with 16 rows the
+  recompute backward spills 8 B at H=1024 on sm_80 and sm_90). An fp32 slice in registers spills (4.7 KB at
+  H=768, sm_90), so fp32 streams it from L1 in (chunk, 4J) tiles of at most STREAM_TILE elements; on sm_75
+  the streamed backward spills 4-12 B, so sm_75 has no fp32 persistent path. 8 warps, one per K chunk of the
+  batched dot (8 also avoid sm_75's 64-register cap), with `maxnreg=255`.
   Where the grid or the shared memory does not fit, variant="auto" takes the tiled variant instead.
 """
 
@@ -128,7 +128,8 @@ def _persistent(B, H, dtype, arch, sms, block_b, block_j, groups, meta):
     if shape is None:
         sms = sms or GATE_SMS[_tier(arch)]
         raise ValueError(f"fused_lstm: variant='persistent' does not fit H={H} on sm_{arch} with {sms} SMs (grid "
-                         "over the SMs, W_hh slice over the shared memory, or fp32 on sm_75); use variant='tiled' or 'auto'")
+                         "over the SMs, W_hh slice over the shared memory, or fp32 on sm_75); use variant='tiled' "
+                         "or 'auto'")
     programs = triton.cdiv(H, shape["BLOCK_J"])
     common = {**meta, "BLOCK_J": shape["BLOCK_J"], "num_warps": shape["num_warps"], "SPIN_LIMIT": SPIN_LIMIT,
               "BARRIER": arch is not None, "STREAM_W": shape["STREAM_W"], "SPLIT_K": shape["SPLIT_K"],
@@ -173,9 +174,12 @@ def lstm_config(
 
     "auto" follows the decision table of `kernels/README.md` (`_auto`). `block_n`, `block_k` override the tiled
     variant's tiles, `block_j` and `groups` the persistent variant's units per program and batch groups. `tf32`
-    lets fp32 products use TF32 (`torch.backends.cudnn.allow_tf32`, as nn.LSTM); otherwise they are ieee fp32.
+    lets the persistent variant's fp32 products use TF32 (`torch.backends.cudnn.allow_tf32`, as nn.LSTM); the
+    onchip and tiled variants stay ieee fp32 (with TF32 the onchip backward outgrows sm_80's shared memory at
+    H=64 and the tiled forward spills at H=100).
     Raises ValueError for variant="onchip" wider than `onchip_max_h(arch, dtype)` and for variant="persistent"
-    where it does not fit."""
+    where it does not fit.
+    """
     limit = onchip_max_h(arch, dtype)
     block_h = max(16, triton.next_power_of_2(H))
     if variant == "auto":
@@ -184,6 +188,7 @@ def lstm_config(
         where = "the interpreter" if arch is None else f"sm_{arch}"
         raise ValueError(f"fused_lstm: variant='onchip' takes H <= {limit} on {where} (W_hh must fit on chip); "
                          f"got H={H}: use variant='tiled' or 'auto'")
+    tf32 = tf32 and variant == "persistent"
     meta = {"BLOCK_B": block_b, "PRECISION": "ieee" if dtype == torch.float32 and not tf32 else "tf32",
             "DOT_F32": INTERPRETED and dtype == torch.bfloat16}
     if variant == "persistent":

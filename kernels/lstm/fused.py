@@ -7,7 +7,8 @@ one Triton launch then runs the recurrence over time (`fwd.py`). The
 backward runs one reverse-time launch that yields only the gate gradients and the
 carried `dh`, `dc` (`bwd.py`); `dW_hh`, `dW_ih`, the bias gradient and
 `dx` are matrix products over all steps afterwards. States and accumulation are fp32;
-fp32 inputs use `input_precision="ieee"` (no TF32). Derivations: `kernels/README.md`.
+the persistent variant's fp32 products run in TF32 when `torch.backends.cudnn.allow_tf32` is on
+(nn.LSTM's switch), every other fp32 product in ieee fp32. Derivations: `kernels/README.md`.
 """
 
 import torch

@@ -14,6 +14,9 @@ a time. With `dgates_T = 0`, the stage for time `t` (from `T-1` down to `-1`), f
 then arrive. The stage for `t = -1` writes `dh_0` and `dc_0`. Gate gradients as in `bwd.py`; the
 weight, bias and input gradients are matrix products over all steps afterwards (`lstm/fused.py`).
 
+With `STREAM_W` (fp32) the columns are not held but read again each step in H chunks over the four gates
+(`_streamed_dh`); a second grid axis splits the batch as in the forward.
+
 The carried `(dh, dc)` live in a two-slot ring indexed by the stage's parity. A program reads and writes only
 its own columns there, and none can start stage `s + 1` before all have finished stage `s`, so after a
 timed-out wait the slot that the first incomplete stage reads is intact and a relaunch from that stage

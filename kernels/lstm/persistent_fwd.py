@@ -17,6 +17,11 @@ One stage per time step `t`, for each block of `BLOCK_B` rows:
 4. write `h_t[:, J_p]`, `c_t[:, J_p]`, the activated gates when the backward stores them, and `h_n`;
 then arrive. Buffers as in `fwd.py`: `h` and `c` are `(T+1, B, H)` with the initial state at 0.
 
+With `STREAM_W` (fp32) the slice is not held: each step's dot runs over H in `SPLIT_K x BLOCK_K` chunks and
+loads each chunk of `W_hh[gates(J_p), :]` again (`evict_last`, so it stays in L1). A second grid axis splits
+the batch: program `(p, g)` owns rows `[g ROWS, (g + 1) ROWS)`, and the barrier counts every program of the
+grid. With `C_RING` (nothing needs a gradient) `c` is a `(2, B, H)` ring, slot `t % 2`.
+
 `BARRIER=False` runs the same stages with no barrier; the launcher then makes one launch per stage (the
 interpreter path: its programs run one after another). A timed-out wait stops the program and sets the
 flag; everything a stage writes depends only on the previous stage's output, so the launcher's relaunch from

@@ -16,10 +16,12 @@ import triton
 
 __all__ = ["BARRIER_US", "ONCHIP_STEP_US", "Plan", "persistent_plan", "block_us"]
 
-# One grid barrier, and one 16-row block of a step as c0 + c1 H: fitted to B16 H768 (fwd 1 block, bwd 2) and
-# B64 H1024 (fwd 4, bwd 8) forward+backward, 25.7 and 93 us a step, and B128 H512 forward (8 blocks), 35.7 us.
-BARRIER_US = 1.6
-BLOCK_US = (0.1, 0.0082)
+# A step's fixed cost in one direction (the grid barrier and the round trips around it), and a 16-row block as
+# c0 + c1 H (scaled by its rows): least squares over the three persistent figures of the first H200 run, B16
+# H768 and B64 H1024 forward+backward (25.7 and 93 us a step; model 25.7, 88.7) and B128 H512 forward (35.7 us;
+# model 44.3), with c0 = 0 (a free c0 fits negative).
+BARRIER_US = 5.6
+BLOCK_US = (0.0, 0.0095)
 # The onchip variant's step in one direction (B8 H64 fp32 forward+backward: 23.8 us a step, 1 program).
 ONCHIP_STEP_US = 11.9
 # Bytes a microsecond an SM reads from L1 (128 B a clock) and from L2 (the README's 120 GB/s per SM), and the
@@ -43,6 +45,7 @@ class Plan:
     rows: tuple[int, int]  # rows per block, forward and backward
     groups: tuple[int, int]  # batch groups (the grid's second axis), forward and backward
     step_us: float  # predicted forward + backward step
+    fwd_us: float  # predicted forward step
 
 
 def block_us(H: int, rows: int) -> float:
@@ -85,11 +88,10 @@ def persistent_plan(
             if not stream and not _fits_on_chip(H, j, rows[0], itemsize, shared):
                 continue
             split = tuple(groups or max(1, min(triton.cdiv(B, r), sms // programs)) for r in rows)
-            step = 2 * BARRIER_US
-            for r, g in zip(rows, split):
-                blocks = triton.cdiv(triton.cdiv(B, g), r)
-                step += blocks * (block_us(H, min(r, B)) + (_slice_us(j, H, itemsize, arch) if stream else 0.0))
-            plan = Plan(j, stream, rows, split, step)
+            fwd, bwd = (BARRIER_US + triton.cdiv(triton.cdiv(B, g), r) * (
+                block_us(H, min(r, B)) + (_slice_us(j, H, itemsize, arch) if stream else 0.0))
+                for r, g in zip(rows, split))
+            plan = Plan(j, stream, rows, split, fwd + bwd, fwd)
             if best is None or plan.step_us < best.step_us:
                 best = plan
     return best

@@ -30,7 +30,9 @@ MATMUL_KERNELS = ("_lce_fwd_kernel", "_lce_bwd_kernel", "_lstm_fwd_onchip_kernel
 
 
 def wants_tensor_cores(row: dict) -> bool:
-    return row["kernel"] in MATMUL_KERNELS and row["dtype"] in ("fp16", "bf16") and row["arch"] >= 80
+    """16-bit products on sm_80/90, and fp32 ones the LSTM was asked to run in TF32."""
+    tf32 = row["dtype"] == "fp32" and "-tf32" in row["case"] and row["case"].startswith("lstm-")
+    return row["kernel"] in MATMUL_KERNELS and (row["dtype"] in ("fp16", "bf16") or tf32) and row["arch"] >= 80
 
 
 # (case key, kernel) -> why the spill is accepted. Empty: nothing spills.
@@ -112,13 +114,14 @@ for case in cases():
 print(json.dumps(out))
 """
 FP32_PTX_CASES = ("lstm-sm80-fp32-H64-tiled-plain", "lstm-sm90-fp32-H32-onchip-recompute",
-                  "lce-sm90-fp32-H576-triton-plain")
+                  "lstm-sm90-fp32-H256-persistent-plain", "lce-sm90-fp32-H576-triton-plain")
+TF32_PTX_CASE = "lstm-sm90-fp32-H256-persistent-tf32"
 BF16_PTX_CASE = "lstm-sm80-bf16-H256-tiled-plain"
 
 
 def test_fp32_dots_compile_without_tf32():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    keys = ",".join((*FP32_PTX_CASES, BF16_PTX_CASE))
+    keys = ",".join((*FP32_PTX_CASES, BF16_PTX_CASE, TF32_PTX_CASE))
     proc = subprocess.run([sys.executable, "-c", PTX_SCRIPT, keys, FP32_PTX_CASES[0]], env=env, capture_output=True,
                           text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -129,5 +132,7 @@ def test_fp32_dots_compile_without_tf32():
         assert len(launches) == 2, (case, sorted(facts))
         for name, f in launches.items():
             assert not f["tf32"], f"{name}: an fp32 dot compiled to TF32"
+    tf32 = [f for k, f in facts.items() if k.startswith(TF32_PTX_CASE + "/")]
+    assert len(tf32) == 2 and all(f == {"tf32": True, "mma": True} for f in tf32), tf32
     bf16 = [f for k, f in facts.items() if k.startswith(BF16_PTX_CASE + "/")]
     assert len(bf16) == 2 and all(f["mma"] and not f["tf32"] for f in bf16), bf16

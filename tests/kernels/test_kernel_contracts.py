@@ -49,8 +49,8 @@ def _widened(dtype: torch.dtype) -> bool:
 
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32-off", "tf32-on"])
 def test_every_gate_launch_asks_for_its_dtypes_precision(allow_tf32):
-    """fp32 dots in IEEE fp32 whatever torch's TF32 switches say, except the LSTM cases built with `tf32=True`
-    (what `fused_lstm` passes when `cudnn.allow_tf32` is on: `test_persistent_fp32.py` checks that part)."""
+    """fp32 dots in IEEE fp32 whatever torch's TF32 switches say, except the persistent LSTM cases built with
+    `tf32=True` (what `fused_lstm` passes when `cudnn.allow_tf32` is on: `test_persistent_fp32.py` checks that)."""
     with tf32_switches(allow_tf32):
         fp32_kernels = _check_gate_launches()
     assert {"_lce_fwd_kernel", "_lce_bwd_kernel", "_lstm_fwd_tiled_kernel", "_lstm_bwd_onchip_kernel"} <= fp32_kernels

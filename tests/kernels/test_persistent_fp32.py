@@ -17,8 +17,15 @@ from leanfit.kernels.lstm.fused import recurrence_fwd
 from leanfit.lstm_core import LSTM
 from leanfit.lstm_core.functional import lstm_layer
 from tests.helpers import assert_close
-from tests.kernels.test_fused_lstm import NAMES, TOL, _check_layer, _inputs, _run, assert_same_module_results
-from tests.kernels.test_fused_lstm import run_packed
+from tests.kernels.test_fused_lstm import (
+    NAMES,
+    TOL,
+    _check_layer,
+    _inputs,
+    _run,
+    assert_same_module_results,
+    run_packed,
+)
 
 pytestmark = pytest.mark.gpu
 
