@@ -17,15 +17,7 @@ from leanfit.kernels.lstm.fused import recurrence_fwd
 from leanfit.lstm_core import LSTM
 from leanfit.lstm_core.functional import lstm_layer
 from tests.helpers import assert_close
-from tests.kernels.test_fused_lstm import (
-    NAMES,
-    TOL,
-    _check_layer,
-    _inputs,
-    _run,
-    assert_same_module_results,
-    run_packed,
-)
+from tests.kernels import test_fused_lstm as base
 
 pytestmark = pytest.mark.gpu
 
@@ -36,25 +28,25 @@ TF32_TOL = {torch.float32: (3e-3, 3e-3)}
 @pytest.mark.parametrize("B", [1, 3, 16, 64])
 def test_fp32_persistent_matches_reference_at_each_batch(B, device):
     lengths = [7 - (b % 5) for b in range(B)] if B > 1 else None
-    _check_layer(7, B, 12, 40, torch.float32, device, lengths=lengths, variant="persistent", block_j=8)
+    base._check_layer(7, B, 12, 40, torch.float32, device, lengths=lengths, variant="persistent", block_j=8)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored-gates", "recompute"])
 @pytest.mark.parametrize("H", [16, 33, 100])
 def test_fp32_persistent_widths_and_recompute(H, recompute, device):
-    _check_layer(6, 5, 10, H, torch.float32, device, lengths=[6, 1, 3, 6, 2], variant="persistent",
+    base._check_layer(6, 5, 10, H, torch.float32, device, lengths=[6, 1, 3, 6, 2], variant="persistent",
                  recompute=recompute)
 
 
 def test_fp32_persistent_is_within_1e5_of_fp64(device):
     """Parity target of issue 25: with TF32 off every output and gradient within 1e-5 (relative RMS) of fp64."""
     T, B, I, H = 9, 4, 16, 64
-    inputs = _inputs(T, B, I, H, torch.float32, device)
+    inputs = base._inputs(T, B, I, H, torch.float32, device)
     upstream = [torch.randn(s, device=device) for s in ((T, B, H), (B, H), (B, H))]
-    out, grads = _run(fused_lstm, inputs, upstream, variant="persistent")
+    out, grads = base._run(fused_lstm, inputs, upstream, variant="persistent")
     ref64 = [t.detach().double().requires_grad_() for t in inputs]
-    ref, ref_grads = _run(lstm_layer, ref64, [u.double() for u in upstream])
-    for name, r, o in zip(("out", "h_n", "c_n", *(f"d{n}" for n in NAMES)), (*ref, *ref_grads), (*out, *grads)):
+    ref, ref_grads = base._run(lstm_layer, ref64, [u.double() for u in upstream])
+    for name, r, o in zip(("out", "h_n", "c_n", *(f"d{n}" for n in base.NAMES)), (*ref, *ref_grads), (*out, *grads)):
         rel = ((o.double() - r).norm() / r.norm()).item()
         assert rel <= 1e-5, f"{name}: relative error {rel:.2e} against fp64"
 
@@ -69,14 +61,14 @@ def _launched_precisions(fn):
 def test_tf32_follows_cudnn_allow_tf32(allow_tf32, device):
     torch.backends.cudnn.allow_tf32 = allow_tf32
     T, B, I, H = 5, 3, 8, 48
-    inputs = _inputs(T, B, I, H, torch.float32, device)
+    inputs = base._inputs(T, B, I, H, torch.float32, device)
     upstream = [torch.randn(s, device=device) for s in ((T, B, H), (B, H), (B, H))]
-    ref, ref_grads = _run(lstm_layer, inputs, upstream)
+    ref, ref_grads = base._run(lstm_layer, inputs, upstream)
     assert _launched_precisions(lambda: fused_lstm(*[t.detach() for t in inputs], variant="persistent")) == {
         "tf32" if allow_tf32 else "ieee"}
-    out, grads = _run(fused_lstm, inputs, upstream, variant="persistent")
-    table = TF32_TOL if allow_tf32 else TOL
-    for name, r, o in zip(("out", "h_n", "c_n", *(f"d{n}" for n in NAMES)), (*ref, *ref_grads), (*out, *grads)):
+    out, grads = base._run(fused_lstm, inputs, upstream, variant="persistent")
+    table = TF32_TOL if allow_tf32 else base.TOL
+    for name, r, o in zip(("out", "h_n", "c_n", *(f"d{n}" for n in base.NAMES)), (*ref, *ref_grads), (*out, *grads)):
         assert_close(name, r, o, table=table)
 
 
@@ -86,16 +78,16 @@ def test_batch_groups_match_one_group(groups, dtype, device):
     """The grid's second axis splits the rows: every group of programs owns whole BLOCK_B blocks, and a barrier
     counts the programs of all groups."""
     T, B, I, H = 6, 20, 12, 32
-    inputs = _inputs(T, B, I, H, dtype, device)
+    inputs = base._inputs(T, B, I, H, dtype, device)
     lengths = torch.tensor([6, 2, 5, 1] * 5, device=device)
     upstream = [torch.randn(s, device=device).to(dtype) for s in ((T, B, H), (B, H), (B, H))]
-    ref, ref_grads = _run(lstm_layer, inputs, upstream, lengths=lengths)
+    ref, ref_grads = base._run(lstm_layer, inputs, upstream, lengths=lengths)
     _, fwd, bwd = lstm_config(B, H, dtype, None, "persistent", block_b=4, block_j=8, groups=groups)
     assert fwd.grid == bwd.grid == (4, groups)
     fn = lambda *a, lengths: _pair(FusedLSTMFunction.apply(*a, lengths.int(), fwd, bwd, True))  # noqa: E731
-    out, grads = _run(fn, [t.contiguous() for t in inputs], upstream, lengths=lengths)
-    for name, r, o in zip(("out", "h_n", "c_n", *(f"d{n}" for n in NAMES)), (*ref, *ref_grads), (*out, *grads)):
-        assert_close(name, r, o, table=TOL)
+    out, grads = base._run(fn, [t.contiguous() for t in inputs], upstream, lengths=lengths)
+    for name, r, o in zip(("out", "h_n", "c_n", *(f"d{n}" for n in base.NAMES)), (*ref, *ref_grads), (*out, *grads)):
+        assert_close(name, r, o, table=base.TOL)
 
 
 def _pair(result):
@@ -106,19 +98,19 @@ def _pair(result):
 @pytest.mark.parametrize("T", [1, 4, 7])
 def test_no_grad_forward_keeps_c_in_a_ring(T, device):
     B, I, H = 3, 8, 32
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = (t.detach() for t in _inputs(T, B, I, H, torch.float32, device))
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = (t.detach() for t in base._inputs(T, B, I, H, torch.float32, device))
     lengths = torch.tensor([T, max(1, T - 2), 1], device=device)
     ref, (ref_h, ref_c) = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=lengths)
     _, fwd, _ = lstm_config(B, H, torch.float32, None, "persistent")
     xw = (x.reshape(T * B, I) @ w_ih.T + b_ih + b_hh).view(T, B, 4 * H)
     h, c, gates, h_n = recurrence_fwd(xw, w_hh, h0, c0, lengths.int(), fwd, store_gates=False, save_states=False)
     assert c.shape == (2, B, H) and gates is None
-    assert_close("out", ref, h[1:], table=TOL)
-    assert_close("h_n", ref_h, h_n, table=TOL)
-    assert_close("c_n", ref_c, c[T % 2], table=TOL)
+    assert_close("out", ref, h[1:], table=base.TOL)
+    assert_close("h_n", ref_h, h_n, table=base.TOL)
+    assert_close("c_n", ref_c, c[T % 2], table=base.TOL)
     with torch.no_grad():
         out, (h_n, c_n) = fused_lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, variant="persistent")
-    assert_close("c_n (module path)", ref_c, c_n, table=TOL)
+    assert_close("c_n (module path)", ref_c, c_n, table=base.TOL)
 
 
 def test_module_fp32_persistent_layers_bidirectional_packed_against_nn_lstm(device):
@@ -129,7 +121,7 @@ def test_module_fp32_persistent_layers_bidirectional_packed_against_nn_lstm(devi
     x = torch.randn(6, 4, 10, device=device)
     lengths = torch.tensor([6, 3, 1, 5])
     hx = tuple(torch.randn(4, 4, 24, device=device) for _ in range(2))
-    assert_same_module_results(run_packed(ref, x, lengths, hx), run_packed(fused, x, lengths, hx))
+    base.assert_same_module_results(base.run_packed(ref, x, lengths, hx), base.run_packed(fused, x, lengths, hx))
 
 
 @pytest.mark.parametrize("arch, sms", [(80, 108), (90, 132)])
