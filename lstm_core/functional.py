@@ -34,8 +34,9 @@ their end on unmasked, gathers h_n and c_n at each row's last step and zeroes th
 the backward zeroes the factors past each row's end and replaces f there by 1 (so dc_n passes
 through to the last step unchanged), and adds dh_n at each row's last step.
 
-`lstm_layer` falls back to `lstm_layer_autograd` for a projection (`w_hr`), an empty sequence, and
-under forward-mode AD or functorch transforms (vmap, grad), which `_LSTMLayer` does not implement.
+`lstm_layer` falls back to `lstm_layer_autograd` for a projection (`w_hr`), an empty sequence, under
+forward-mode AD or functorch transforms (vmap, grad), which `_LSTMLayer` does not implement, and under
+autocast (whose low-precision products would meet its fp32 buffers).
 A backward with `create_graph=True` (double backward, gradgradcheck) recomputes the layer with
 `lstm_layer_autograd` and differentiates that, so the fast path stays twice differentiable. Without
 grad (inference, or no input that requires grad) the forward loop runs alone and nothing is kept.
@@ -136,7 +137,7 @@ def lstm_layer(
     has this signature, so either can be swapped in. Runs the fast path
     (module docstring) where it applies, else `lstm_layer_autograd`.
     """
-    if w_hr is not None or x.shape[0] == 0 or _transformed():
+    if w_hr is not None or x.shape[0] == 0 or _transformed() or torch.is_autocast_enabled(x.device.type):
         return lstm_layer_autograd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     dtype = x.dtype
     cdt = compute_dtype(dtype)

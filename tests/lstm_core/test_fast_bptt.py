@@ -200,3 +200,15 @@ def test_vmap_falls_back_to_the_loop():
     xs = torch.randn(3, *x.shape, dtype=x.dtype)
     found = [torch.func.vmap(lambda x, fn=fn: fn(x, *rest)[0])(xs) for fn in (lstm_layer_autograd, lstm_layer)]
     assert_close("vmapped out", *found)
+
+
+def test_autocast_falls_back_to_the_loop():
+    """Under autocast the products run in bf16, which `_LSTMLayer`'s fp32 buffers do not take: the loop runs."""
+    inputs = [t.detach().float().requires_grad_() for t in _inputs(4, 3, 5, 6)]
+    found = {}
+    for fn in (lstm_layer_autograd, lstm_layer):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (h_n, c_n) = fn(*inputs)
+        found[fn] = (out, *torch.autograd.grad(out.sum() + h_n.sum() + c_n.sum(), inputs))
+    for name, r, f in zip(("out", *NAMES), found[lstm_layer_autograd], found[lstm_layer]):
+        assert_close(name, r, f)
