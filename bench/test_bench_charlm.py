@@ -2,7 +2,7 @@
 """One `leanfit lstm` training step (embedding, LSTM, linear cross-entropy, backward, clipping, AdamW) with our
 LSTM against `torch.nn.LSTM` in the same model.
 
-Providers: `reference` (lstm_core's autograd loop) and `torch` (nn.LSTM: its CPU kernel, cuDNN on CUDA) on
+Providers: `reference` (lstm_core's plain-op LSTM) and `torch` (nn.LSTM: its CPU kernel, cuDNN on CUDA) on
 any device; `triton` (the fused kernel) on CUDA. Time is pytest-benchmark's; `tokens_per_s` follows from its
 median. Peak memory is measured once per case outside the timed rounds, after a warm-up step, with the run's own
 profiler (leanfit.train.memory.profiler.MemoryProfiler: the tracked tensor peak on the CPU, the allocator's

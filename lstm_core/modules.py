@@ -172,7 +172,7 @@ class LSTM(nn.Module):
     """Drop-in for `nn.LSTM`, in plain tensor ops.
 
     Args are those of `nn.LSTM`, plus `backend`: `"reference"` (this package's
-    autograd loop) or `"triton"` (`kernels.fused_lstm`, CUDA or the Triton
+    `lstm_layer`: explicit BPTT in plain ops) or `"triton"` (`kernels.fused_lstm`, CUDA or the Triton
     interpreter; no `proj_size`, no fp64), and for `"triton"` the kernel's
     `variant` (`"auto"`, `"onchip"`, `"persistent"`, `"tiled"`; see
     `kernels/README.md`) and `recompute` (recompute the gates in the backward

@@ -2,7 +2,7 @@
 """The model: embedding -> `lstm_core.LSTM` (layers, dropout between them) -> dropout -> head, its loss through
 `linear_cross_entropy` (no (B*T, V) logits in the training step), and its files (safetensors + JSON).
 
-`backend`: "reference" (lstm_core's autograd loop), "triton" (the fused kernel; CUDA or TRITON_INTERPRET=1), or
+`backend`: "reference" (lstm_core's plain-op LSTM), "triton" (the fused kernel; CUDA or TRITON_INTERPRET=1), or
 "torch" (`torch.nn.LSTM`, cuDNN on CUDA: the comparison of the tests and the benchmark).
 """
 
