@@ -103,12 +103,15 @@ def _lstm_launches(case: Case):
     T, B, H = LSTM_T, LSTM_B, case.width
     lengths = _meta(B, dtype=torch.int32)
     recompute = "recompute" in case.flags
+    save = "nograd" not in case.flags
     _, fwd_cfg, bwd_cfg = lstm_config(B, H, dtype, case.arch, case.variant, tf32="tf32" in case.flags)
     with record_launches() as launches:
         xw = _meta(T, B, 4 * H, dtype=dtype)
         w_hh = _meta(4 * H, H, dtype=dtype)
         h, c, gates, _ = recurrence_fwd(xw, w_hh, _meta(B, H, dtype=dtype), _meta(B, H, dtype=dtype), lengths, fwd_cfg,
-                                  not recompute)
+                                        not recompute and save, save)
+        if not save:
+            return launches
         recurrence_bwd(xw, w_hh, h, c, gates, _meta(T, B, H, dtype=dtype), _meta(B, H, dtype=dtype),
                  _meta(B, H, dtype=dtype), lengths, bwd_cfg)
     return launches
@@ -120,7 +123,7 @@ def _lstm_cases(archs):
             for H in LSTM_H:
                 for variant in lstm_variants(H, arch, DTYPES[dtype]):
                     tf32 = (("tf32",), ("tf32", "recompute")) if dtype == "fp32" and variant == "persistent" else ()
-                    for flags in ((), ("recompute",), *tf32):
+                    for flags in ((), ("recompute",), ("nograd",), *tf32):
                         yield Case("lstm", arch, dtype, H, variant, flags)
 
 

@@ -7,8 +7,8 @@ fp32, bf16 and fp16; `test_bench_lstm_variants_gpu` times the fused variants one
 (`persistent`, `tiled`) against cuDNN at the shapes the persistent kernel is for (FlashRNN's chart,
 B16 T1024 H768, and cuDNN's persistent limit, B64 T512 H1024) in bf16 and fp16;
 `test_bench_lstm_issue_shapes_gpu` (first, so a short device budget measures it) times `variant="auto"`
-against cuDNN at issue 25's six shapes, each in its dtype and mode, with TF32 as torch's defaults leave it. Peak memory per
-call goes in `extra_info` too, and `bench/lstm_gpu_table.py` turns the JSON into ratios against
+against cuDNN at issue 25's six shapes, each in its dtype and mode, with TF32 as torch's defaults leave it.
+Peak memory per call goes in `extra_info` too, and `bench/lstm_gpu_table.py` turns the JSON into ratios against
 cuDNN. Those cases are skipped without CUDA: interpreter timings mean nothing.
 
 Every provider includes the input projection (x W_ih^T) in its time. Tokens per second

@@ -40,12 +40,12 @@ def recurrence_fwd(
 ):
     """Runs the forward recurrence. Returns `h` (T+1, B, H), `c` (T+1, B, H) fp32,
     `gates` (T, B, 4H) fp32 activated or None, and `h_n` (B, H). Without `save_states` (nothing needs a
-    gradient) the persistent kernel keeps `c` in a (2, B, H) ring: `c[T % 2]` is the last state."""
+    gradient) `c` is a (2, B, H) ring: `c[T % 2]` is the last state."""
     T, B, G = xw.shape
     H = G // 4
     persistent = cfg.kernel is _lstm_fwd_persistent_kernel
     h = torch.full((T + 1, B, H), float("nan"), dtype=xw.dtype, device=xw.device)
-    c_steps = T + 1 if save_states or not persistent else 2
+    c_steps = T + 1 if save_states else 2
     c = torch.full((c_steps, B, H), float("nan"), dtype=torch.float32, device=xw.device)
     h[0] = h0
     c[0] = c0
@@ -54,7 +54,7 @@ def recurrence_fwd(
     if B and persistent:
         persistent_fwd(xw, w_hh, h, c, gates, h_n, lengths, cfg, store_gates)
     elif B:
-        launch(cfg, xw, w_hh, h, c, gates, h_n, lengths, T, B, H, STORE_GATES=store_gates)
+        launch(cfg, xw, w_hh, h, c, gates, h_n, lengths, T, B, H, STORE_GATES=store_gates, C_RING=not save_states)
     return h, c, (gates if store_gates else None), h_n
 
 

@@ -11,7 +11,8 @@ communication between programs. Two widths:
 
 Buffers shared with the backward: `h_ptr` and `c_ptr` are `(T+1, B, H)` with the
 initial state at index 0 and the state after step `t` at `t+1`. Rows whose sequence
-has ended write `h = 0` and carry `c` forward unchanged; `hn_ptr` receives each row's
+has ended write `h = 0` and carry `c` forward unchanged (with `C_RING`, when nothing needs a gradient,
+`c` is a `(2, B, H)` ring instead); `hn_ptr` receives each row's
 last valid `h`. The cell math (`cell`, `gate_tile`, `store_gates`, `dot`) is in `cell.py`,
 shared with the backward and the persistent kernels. `dot` with `DOT_F32` multiplies in fp32:
 the launcher sets it for bf16 under the interpreter, whose `tl.dot` mishandles bf16 (it
@@ -21,7 +22,17 @@ multiplies the raw 16-bit patterns).
 import triton
 import triton.language as tl
 
+from ..interpreter import device_fn
 from .cell import cell, dot, gate_tile, store_gates
+
+
+@device_fn
+def _c_slots(c_ptr, t, stride, C_RING: tl.constexpr):
+    """Where c_{t-1} and c_t of step t live: `c_ptr` (advanced one slot a step) and the next slot, or the
+    ring's slots (t % 2) and ((t + 1) % 2) from the ring's base `c_ptr`."""
+    if C_RING:
+        return c_ptr + (t % 2) * stride, c_ptr + ((t + 1) % 2) * stride
+    return c_ptr, c_ptr + stride
 
 
 @triton.jit
@@ -29,12 +40,12 @@ def _lstm_fwd_onchip_kernel(
     xw_ptr,  # (T, B, 4H) x W_ih^T + b_ih + b_hh
     w_ptr,  # (4H, H) W_hh
     h_ptr,  # (T+1, B, H) h0 at [0], written at [1:]
-    c_ptr,  # (T+1, B, H) fp32, c0 at [0], written at [1:]
+    c_ptr,  # (T+1, B, H) fp32, c0 at [0], written at [1:]; with C_RING (2, B, H), c_t at [t % 2]
     g_ptr,  # (T, B, 4H) fp32 activated gates, written when STORE_GATES
     hn_ptr,  # (B, H)
     len_ptr,  # (B,) int32, each row's length (T where none was given)
     T, B, H,
-    STORE_GATES: tl.constexpr,
+    STORE_GATES: tl.constexpr, C_RING: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Forward recurrence, all of `W_hh` on chip: README.md "Forward" (F2)-(F5) for t = 0 .. T-1.
@@ -77,11 +88,13 @@ def _lstm_fwd_onchip_kernel(
         c = tl.where(live, c_new, c)
         h = tl.where(live, h_new, h)
         tl.store(h_ptr + B * H + state, tl.where(live, h_new, 0.0).to(h_ptr.dtype.element_ty), mask=mask)
-        tl.store(c_ptr + B * H + state, c, mask=mask)
+        _, c_out = _c_slots(c_ptr, t, B * H, C_RING)
+        tl.store(c_out + state, c, mask=mask)
         xw_ptr += B * 4 * H
         g_ptr += B * 4 * H
         h_ptr += B * H
-        c_ptr += B * H
+        if not C_RING:
+            c_ptr += B * H
     # 5. h_n: each row's last valid h
     tl.store(hn_ptr + state, h.to(hn_ptr.dtype.element_ty), mask=mask)
 
@@ -91,12 +104,12 @@ def _lstm_fwd_tiled_kernel(
     xw_ptr,  # (T, B, 4H) x W_ih^T + b_ih + b_hh
     w_ptr,  # (4H, H) W_hh
     h_ptr,  # (T+1, B, H) h0 at [0], written at [1:]
-    c_ptr,  # (T+1, B, H) fp32, c0 at [0], written at [1:]
+    c_ptr,  # (T+1, B, H) fp32, c0 at [0], written at [1:]; with C_RING (2, B, H), c_t at [t % 2]
     g_ptr,  # (T, B, 4H) fp32 activated gates, written when STORE_GATES
     hn_ptr,  # (B, H)
     len_ptr,  # (B,) int32, each row's length (T where none was given)
     T, B, H,
-    STORE_GATES: tl.constexpr,
+    STORE_GATES: tl.constexpr, C_RING: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -121,17 +134,19 @@ def _lstm_fwd_tiled_kernel(
             a_i, a_f, a_g, a_o = gate_tile(
                 xw_ptr, h_ptr, w_ptr, rows, rmask, cols, cmask, H, BLOCK_K, PRECISION, DOT_F32
             )
-            c_prev = tl.load(c_ptr + state, mask=mask, other=0.0)
+            c_in, c_out = _c_slots(c_ptr, t, B * H, C_RING)
+            c_prev = tl.load(c_in + state, mask=mask, other=0.0)
             i, f, g, o, c_new, h_new = cell(a_i, a_f, a_g, a_o, c_prev)
             if STORE_GATES:
                 store_gates(g_ptr, rows, cols, mask, H, i, f, g, o)
             # 3. write h_t (0 for dead rows), c_t (carried for dead rows) and h_n where live
             tl.store(h_ptr + B * H + state, tl.where(live, h_new, 0.0).to(h_ptr.dtype.element_ty), mask=mask)
-            tl.store(c_ptr + B * H + state, tl.where(live, c_new, c_prev), mask=mask)
+            tl.store(c_out + state, tl.where(live, c_new, c_prev), mask=mask)
             tl.store(hn_ptr + state, h_new.to(hn_ptr.dtype.element_ty), mask=mask & live)
         xw_ptr += B * 4 * H
         g_ptr += B * 4 * H
         h_ptr += B * H
-        c_ptr += B * H
+        if not C_RING:
+            c_ptr += B * H
         # 4. block barrier: the next step reads the h_t this program just wrote
         tl.debug_barrier()

@@ -118,8 +118,6 @@ def test_lstm_leaves_inputs_and_incoming_gradients_unchanged(case, dtype, device
     fn, H = case.pop("fn", fused_lstm), case.pop("H")
     if fn is fused_lstm and not HAS_TRITON:
         pytest.skip("no CUDA, no interpreter")
-    if case.get("variant") == "persistent" and dtype == torch.float32 and device.type == "cuda":
-        pytest.skip("on a GPU variant='persistent' takes bf16 and fp16 only")
     T, B, I = 4, 3, 8
     inputs = _inputs(T, B, I, H, dtype, device)
     lengths = torch.tensor([4, 1, 3], device=device)
