@@ -21,7 +21,8 @@ whose tiled kernels need at most 34 KiB of shared memory).
   at H=1024); BLOCK_B * BLOCK_H is at most 16,384 in the forward and 8,192 in the backward (with 16 rows the
   recompute backward spills 8 B at H=1024 on sm_80 and sm_90). An fp32 slice in registers spills (4.7 KB at
   H=768, sm_90), so fp32 streams it from L1 in (chunk, 4J) tiles of at most STREAM_TILE elements; on sm_75
-  the streamed backward spills 4-12 B, so sm_75 has no fp32 persistent path. 8 warps, one per K chunk of the
+  a quarter of that, and the fewest units only (larger tiles or wider programs spill 4-12 B in the backward
+  there). 8 warps, one per K chunk of the
   batched dot (8 also avoid sm_75's 64-register cap), with `maxnreg=255`.
   Where the grid or the shared memory does not fit, variant="auto" takes the tiled variant instead.
 """
@@ -88,9 +89,11 @@ def onchip_max_h(arch: int | None, dtype: torch.dtype) -> int:
     return 64 if shared_limit(arch) >= need and _tier(arch) > 75 else 32
 
 
-def stream_chunk(H: int, J: int) -> int:
-    """The H chunk of a streamed slice's dot: a (chunk, 4J) tile of STREAM_TILE elements, 16 to next_pow2(H)."""
-    return max(16, min(max(16, triton.next_power_of_2(H)), STREAM_TILE // (4 * J)))
+def stream_chunk(H: int, J: int, arch: int) -> int:
+    """The H chunk of a streamed slice's dot: a (chunk, 4J) tile of STREAM_TILE elements (a quarter on sm_75),
+    16 to next_pow2(H)."""
+    tile = STREAM_TILE if _tier(arch) > 75 else STREAM_TILE // 4
+    return max(16, min(max(16, triton.next_power_of_2(H)), tile // (4 * J)))
 
 
 def persistent_shape(
@@ -110,7 +113,7 @@ def persistent_shape(
                            groups, MIN_BLOCK_J)
     if plan is None:
         return None
-    chunk = stream_chunk(H, plan.J) if plan.stream else block_h
+    chunk = stream_chunk(H, plan.J, arch) if plan.stream else block_h
     split_k = min(PERSISTENT_WARPS, chunk // 16)
     return dict(BLOCK_J=plan.J, SPLIT_K=split_k, BLOCK_K=chunk // split_k, STREAM_W=plan.stream,
                 num_warps=PERSISTENT_WARPS, rows=plan.rows, groups=plan.groups, step_us=plan.step_us)
@@ -128,8 +131,7 @@ def _persistent(B, H, dtype, arch, sms, block_b, block_j, groups, meta):
     if shape is None:
         sms = sms or GATE_SMS[_tier(arch)]
         raise ValueError(f"fused_lstm: variant='persistent' does not fit H={H} on sm_{arch} with {sms} SMs (grid "
-                         "over the SMs, W_hh slice over the shared memory, or fp32 on sm_75); use variant='tiled' "
-                         "or 'auto'")
+                         "over the SMs or W_hh slice over the shared memory); use variant='tiled' or 'auto'")
     programs = triton.cdiv(H, shape["BLOCK_J"])
     common = {**meta, "BLOCK_J": shape["BLOCK_J"], "num_warps": shape["num_warps"], "SPIN_LIMIT": SPIN_LIMIT,
               "BARRIER": arch is not None, "STREAM_W": shape["STREAM_W"], "SPLIT_K": shape["SPLIT_K"],

@@ -33,9 +33,10 @@ L1_BYTES = {75: 48 << 10, 80: 160 << 10, 90: 224 << 10}
 # thread at 16,384 on sm_80 and sm_90).
 STAGED = (16384, 8192)
 # A streamed slice may take 2x or 4x the fewest units a program (freeing SMs for batch groups), up to 16; none
-# takes over 32 (the backward's per-unit state then spills). sm_75 streams none: there the streamed backward
-# spills 4-12 B a thread (8- or 16-row blocks, fp32 and 16-bit; `python -m bench.compile_gate`).
-WIDER_J, WIDER_MAX_J, STREAM_MAX_J, STREAM_MIN_ARCH = (1, 2, 4), 16, 32, 80
+# takes over 32 (the backward's per-unit state then spills). On sm_75 (255 registers a thread at 8 warps) a
+# streamed program takes the fewest units only, and half the tile (`config.stream_chunk`): wider ones, or the
+# sm_80 tile, spill 4-12 B a thread in the backward (`python -m bench.compile_gate -k sm75-fp32`).
+WIDER_J, WIDER_MAX_J, STREAM_MAX_J, WIDER_MIN_ARCH = (1, 2, 4), 16, 32, 80
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +79,12 @@ def persistent_plan(
         j0 *= 2
     best = None
     for stream in (False, True):
-        if (not stream and dtype == torch.float32) or (stream and arch < STREAM_MIN_ARCH):
+        if not stream and dtype == torch.float32:
             continue
         for j in ((block_j,) if block_j else (j0,) if not stream else tuple(j0 * k for k in WIDER_J)):
             programs = triton.cdiv(H, j)
-            if programs > sms or (stream and j > STREAM_MAX_J) or (j > j0 and (programs * 2 > sms or j > WIDER_MAX_J)):
+            wider_ok = arch >= WIDER_MIN_ARCH and programs * 2 <= sms and j <= WIDER_MAX_J
+            if programs > sms or (stream and j > STREAM_MAX_J) or (j > j0 and not wider_ok):
                 continue
             rows = (block_b, block_b) if stream else tuple(max(1, min(block_b, most // block_h)) for most in STAGED)
             if not stream and not _fits_on_chip(H, j, rows[0], itemsize, shared):
