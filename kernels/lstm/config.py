@@ -36,7 +36,7 @@ from .bwd import _lstm_bwd_onchip_kernel, _lstm_bwd_tiled_kernel
 from .fwd import _lstm_fwd_onchip_kernel, _lstm_fwd_tiled_kernel
 from .persistent_bwd import _lstm_bwd_persistent_kernel
 from .persistent_fwd import _lstm_fwd_persistent_kernel
-from .plan import ONCHIP_STEP_US, persistent_plan
+from .plan import ONCHIP_STEP_US, arch_tier, persistent_plan
 
 __all__ = ["INTERPRETED", "VARIANTS", "lstm_config", "lstm_variants", "onchip_max_h", "persistent_shape"]
 
@@ -77,22 +77,18 @@ SPIN_LIMIT = 1 << 20
 RECOMPUTE_K = 32
 
 
-def _tier(arch: int) -> int:
-    return 75 if arch < 80 else 80 if arch < 90 else 90
-
-
 def onchip_max_h(arch: int | None, dtype: torch.dtype) -> int:
     """The widest BLOCK_H the onchip variant takes on `arch` (64 where its shared memory fits, else 32)."""
     if arch is None:
         return 64
     need = ONCHIP64_SHARED[4 if dtype == torch.float32 else 2]
-    return 64 if shared_limit(arch) >= need and _tier(arch) > 75 else 32
+    return 64 if shared_limit(arch) >= need and arch_tier(arch) > 75 else 32
 
 
 def stream_chunk(H: int, J: int, arch: int) -> int:
     """The H chunk of a streamed slice's dot: a (chunk, 4J) tile of STREAM_TILE elements (a quarter on sm_75),
     16 to next_pow2(H)."""
-    tile = STREAM_TILE if _tier(arch) > 75 else STREAM_TILE // 4
+    tile = STREAM_TILE if arch_tier(arch) > 75 else STREAM_TILE // 4
     return max(16, min(max(16, triton.next_power_of_2(H)), tile // (4 * J)))
 
 
@@ -109,7 +105,7 @@ def persistent_shape(
         split_k, block_k = (INTERPRETER_SPLIT_K, 16) if stream else (INTERPRETER_SPLIT_K, block_h // 2)
         return dict(BLOCK_J=block_j or INTERPRETER_BLOCK_J, SPLIT_K=split_k, BLOCK_K=block_k, STREAM_W=stream,
                     num_warps=4, rows=(block_b, block_b), groups=(groups or 1, groups or 1), step_us=None)
-    plan = persistent_plan(B, H, dtype, arch, sms or GATE_SMS[_tier(arch)], shared_limit(arch), block_b, block_j,
+    plan = persistent_plan(B, H, dtype, arch, sms or GATE_SMS[arch_tier(arch)], shared_limit(arch), block_b, block_j,
                            groups, MIN_BLOCK_J)
     if plan is None:
         return None
@@ -129,7 +125,7 @@ def lstm_variants(H: int, arch: int | None, dtype: torch.dtype, sms: int | None 
 def _persistent(B, H, dtype, arch, sms, block_b, block_j, groups, meta):
     shape = persistent_shape(H, dtype, arch, sms, block_b, block_j, B, groups)
     if shape is None:
-        sms = sms or GATE_SMS[_tier(arch)]
+        sms = sms or GATE_SMS[arch_tier(arch)]
         raise ValueError(f"fused_lstm: variant='persistent' does not fit H={H} on sm_{arch} with {sms} SMs (grid "
                          "over the SMs or W_hh slice over the shared memory); use variant='tiled' or 'auto'")
     programs = triton.cdiv(H, shape["BLOCK_J"])
@@ -149,7 +145,7 @@ def _tiled(H, arch, block_n, block_k, bwd):
     if arch is None:
         n, k, warps = INTERPRETER_TILES
     else:
-        n, k, warps = TILED[(_tier(arch), H % 16 == 0)][bwd]
+        n, k, warps = TILED[(arch_tier(arch), H % 16 == 0)][bwd]
     return dict(BLOCK_N=block_n or n, BLOCK_K=block_k or k, num_warps=warps)
 
 
@@ -162,7 +158,7 @@ def _auto(B, H, dtype, arch, sms, block_b, limit):
         return "onchip" if block_h <= limit else "tiled"
     if block_h > limit:
         return "persistent"
-    waves = triton.cdiv(triton.cdiv(B, block_b), sms or GATE_SMS[_tier(arch)])
+    waves = triton.cdiv(triton.cdiv(B, block_b), sms or GATE_SMS[arch_tier(arch)])
     return "persistent" if shape["step_us"] < 2 * ONCHIP_STEP_US * waves else "onchip"
 
 

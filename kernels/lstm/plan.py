@@ -14,7 +14,7 @@ import dataclasses
 import torch
 import triton
 
-__all__ = ["BARRIER_US", "ONCHIP_STEP_US", "Plan", "persistent_plan", "block_us"]
+__all__ = ["BARRIER_US", "ONCHIP_STEP_US", "Plan", "arch_tier", "persistent_plan", "block_us"]
 
 # A step's fixed cost in one direction (the grid barrier and the round trips around it), and a 16-row block as
 # c0 + c1 H (scaled by its rows): least squares over the three persistent figures of the first H200 run, B16
@@ -32,11 +32,12 @@ L1_BYTES = {75: 48 << 10, 80: 160 << 10, 90: 224 << 10}
 # its dot: above these the operands no longer fit 8 warps' registers (the recompute backward spills 8 B per
 # thread at 16,384 on sm_80 and sm_90).
 STAGED = (16384, 8192)
-# A streamed slice may take 2x or 4x the fewest units a program (freeing SMs for batch groups), up to 16; none
-# takes over 32 (the backward's per-unit state then spills). On sm_75 (255 registers a thread at 8 warps) a
-# streamed program takes the fewest units only, and half the tile (`config.stream_chunk`): wider ones, or the
-# sm_80 tile, spill 4-12 B a thread in the backward (`python -m bench.compile_gate -k sm75-fp32`).
-WIDER_J, WIDER_MAX_J, STREAM_MAX_J, WIDER_MIN_ARCH = (1, 2, 4), 16, 32, 80
+# A streamed slice may take 2x or 4x the fewest units a program (freeing SMs for batch groups), up to 16 units:
+# at 32 the sm_80/90 kernels spill 4-68 B a thread (compile gate). On sm_75 (255 registers a thread at 8 warps)
+# a streamed program takes the fewest units only, up to 32, with a quarter of the tile (`config.stream_chunk`):
+# wider ones, or the sm_80 tile, spill 4-12 B a thread in the backward there.
+WIDER_J, WIDER_MAX_J, WIDER_MIN_ARCH = (1, 2, 4), 16, 80
+STREAM_MAX_J = {75: 32, 80: 16, 90: 16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,11 @@ class Plan:
     fwd_us: float  # predicted forward step
 
 
+def arch_tier(arch: int) -> int:
+    """The gate's architecture a compute capability takes its limits from (sm_86/89 those of sm_80)."""
+    return 75 if arch < 80 else 80 if arch < 90 else 90
+
+
 def block_us(H: int, rows: int) -> float:
     """A block of `rows` rows in one direction, slice reads aside."""
     c0, c1 = BLOCK_US
@@ -57,7 +63,7 @@ def block_us(H: int, rows: int) -> float:
 
 def _slice_us(J: int, H: int, itemsize: int, arch: int) -> float:
     nbytes = 4 * J * H * itemsize
-    return nbytes / (L1_BYTES_US if nbytes <= L1_BYTES[arch] else L2_BYTES_US)
+    return nbytes / (L1_BYTES_US if nbytes <= L1_BYTES[arch_tier(arch)] else L2_BYTES_US)
 
 
 def _fits_on_chip(H: int, J: int, rows: int, itemsize: int, shared: int) -> bool:
@@ -84,7 +90,7 @@ def persistent_plan(
         for j in ((block_j,) if block_j else (j0,) if not stream else tuple(j0 * k for k in WIDER_J)):
             programs = triton.cdiv(H, j)
             wider_ok = arch >= WIDER_MIN_ARCH and programs * 2 <= sms and j <= WIDER_MAX_J
-            if programs > sms or (stream and j > STREAM_MAX_J) or (j > j0 and not wider_ok):
+            if programs > sms or (stream and j > STREAM_MAX_J[arch_tier(arch)]) or (j > j0 and not wider_ok):
                 continue
             rows = (block_b, block_b) if stream else tuple(max(1, min(block_b, most // block_h)) for most in STAGED)
             if not stream and not _fits_on_chip(H, j, rows[0], itemsize, shared):

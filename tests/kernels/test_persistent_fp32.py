@@ -145,3 +145,12 @@ def test_sm75_streams_the_fewest_units():
     a100 = persistent_shape(512, torch.bfloat16, 80, 108, B=128)
     assert t4["STREAM_W"] and t4["BLOCK_J"] == 16 and a100["BLOCK_J"] > 4
     assert lstm_config(8, 256, torch.float32, 75, "auto", sms=40)[0] == "persistent"
+
+
+@pytest.mark.parametrize("arch, sms", [(86, 84), (89, 128), (100, 148)])
+def test_cards_between_the_gate_architectures_take_the_limits_below(arch, sms):
+    """An RTX 3090 (sm_86), an L40 (sm_89) or a B200 (sm_100) plans with the limits of sm_80/sm_90."""
+    for dtype in (torch.float32, torch.bfloat16):
+        shape = persistent_shape(256, dtype, arch, sms, B=8)
+        assert shape is not None and -(-256 // shape["BLOCK_J"]) * shape["groups"][0] <= sms
+        assert lstm_config(8, 256, dtype, arch, "auto", sms=sms)[0] == "persistent"
