@@ -22,8 +22,8 @@ whose tiled kernels need at most 34 KiB of shared memory).
   recompute backward spills 8 B at H=1024 on sm_80 and sm_90). An fp32 slice in registers spills (4.7 KB at
   H=768, sm_90), so fp32 streams it from L1 in (chunk, 4J) tiles of at most STREAM_TILE elements; on sm_75
   a quarter of that, and the fewest units only (larger tiles or wider programs spill 4-12 B in the backward
-  there). 8 warps, one per K chunk of the
-  batched dot (8 also avoid sm_75's 64-register cap), with `maxnreg=255`.
+  there). 8 warps, one per K chunk of the batched dot (8 also avoid sm_75's 64-register cap), with
+  `maxnreg=255`.
   Where the grid or the shared memory does not fit, variant="auto" takes the tiled variant instead.
 """
 

@@ -43,7 +43,6 @@ def recurrence_fwd(
     gradient) `c` is a (2, B, H) ring: `c[T % 2]` is the last state."""
     T, B, G = xw.shape
     H = G // 4
-    persistent = cfg.kernel is _lstm_fwd_persistent_kernel
     h = torch.full((T + 1, B, H), float("nan"), dtype=xw.dtype, device=xw.device)
     c_steps = T + 1 if save_states else 2
     c = torch.full((c_steps, B, H), float("nan"), dtype=torch.float32, device=xw.device)
@@ -51,8 +50,8 @@ def recurrence_fwd(
     c[0] = c0
     gates = torch.full((T, B, G), float("nan"), dtype=torch.float32, device=xw.device) if store_gates else c
     h_n = torch.full((B, H), float("nan"), dtype=xw.dtype, device=xw.device)
-    if B and persistent:
-        persistent_fwd(xw, w_hh, h, c, gates, h_n, lengths, cfg, store_gates)
+    if B and cfg.kernel is _lstm_fwd_persistent_kernel:
+        persistent_fwd(xw, w_hh, h, c, gates, h_n, lengths, cfg, store_gates, not save_states)
     elif B:
         launch(cfg, xw, w_hh, h, c, gates, h_n, lengths, T, B, H, STORE_GATES=store_gates, C_RING=not save_states)
     return h, c, (gates if store_gates else None), h_n

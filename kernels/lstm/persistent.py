@@ -78,10 +78,11 @@ def persistent_fwd(
     lengths: torch.Tensor,  # (B,) int32
     cfg: KernelConfig,
     store_gates: bool,
+    c_ring: bool,
 ) -> None:
     T, B, G = xw.shape
     run_stages(cfg, T, xw_ptr=xw, w_ptr=w_hh, h_ptr=h, c_ptr=c, g_ptr=gates, hn_ptr=h_n, len_ptr=lengths, B=B,
-               H=G // 4, ROWS=group_rows(cfg, B), STORE_GATES=store_gates, C_RING=c.shape[0] == 2)
+               H=G // 4, ROWS=group_rows(cfg, B), STORE_GATES=store_gates, C_RING=c_ring)
 
 
 def persistent_bwd(
