@@ -177,6 +177,7 @@ def reshard_worker(rank: int, world: int, port: int, folder: str, save: bool):
         full = {name: t.full_tensor() for name, t in tensors.items()}
         if rank == 0:
             save_file(full, str(Path(folder) / "loaded.safetensors"))
+    dist.barrier()  # no rank tears gloo down while another is still in a collective (a SIGABRT seen once in CI)
     dist.destroy_process_group()
 
 
